@@ -1,0 +1,5 @@
+//! koe: Qwen3-TTS voice synthesis in candle.
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};

@@ -1,0 +1,2 @@
+//! Qwen3-TTS-12Hz in candle.
+pub mod weights;
