@@ -1,2 +1,12 @@
 //! Qwen3-TTS-12Hz in candle.
+pub mod code_predictor;
+pub mod config;
+pub mod engine;
+pub mod linear;
+pub mod prompt;
+pub mod sampling;
+pub mod talker;
+pub mod tokenizer;
+pub mod transformer;
+pub mod tts;
 pub mod weights;
