@@ -16,7 +16,9 @@ pub fn read_json<T: DeserializeOwned>(file: &Path) -> Result<T> {
         path: file.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
+    // The path names the offending key, e.g. `talker_config.hidden_size: invalid type …`.
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| Error::Config {
         file: file.to_path_buf(),
         msg: e.to_string(),
     })
