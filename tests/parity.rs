@@ -4,6 +4,7 @@
 
 mod parity {
     pub mod common;
+    pub mod speaker;
     pub mod talker;
 }
 
@@ -12,16 +13,8 @@ use parity::common::{fixture_dirs, Fixture};
 /// Fixture tensors that no check compares yet, each with its reason. The test fails if
 /// fixtures.json lists a tensor outside this list that no check used.
 const NOT_COMPARED: &[(&str, &str)] = &[
-    (
-        "spk.",
-        "speaker encoder: owned by the audio issue (#3); its embedding is the talker's input here",
-    ),
     ("enc.", "speech tokenizer encoder: owned by the audio issue (#3)"),
     ("decoder.", "speech tokenizer decoder: owned by the audio issue (#3)"),
-    (
-        "ref.wav",
-        "the audio issue (#3) encodes it; the talker takes ref.codes and spk.embedding",
-    ),
 ];
 
 /// Per-case tensors owned by the audio issue.
@@ -42,6 +35,7 @@ fn parity_with_official_implementation() {
         let fx = Fixture::load(&dir);
         println!("== fixture {} ({})", fx.name, dir.display());
         parity::talker::check(&fx);
+        parity::speaker::check(&fx);
         for unused in fx.unused() {
             match not_compared_reason(&unused) {
                 Some(why) => println!("{:<14} {unused:<34} not compared: {why}", fx.name),

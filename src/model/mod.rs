@@ -6,6 +6,7 @@ pub mod hub;
 pub mod linear;
 pub mod prompt;
 pub mod sampling;
+pub mod speaker_encoder;
 pub mod talker;
 pub mod tokenizer;
 pub mod transformer;

@@ -76,6 +76,10 @@ impl Fixture {
         self.dir.join(self.json["checkpoint"].as_str().unwrap_or("checkpoint"))
     }
 
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
     /// A fixture tensor, marked as used (an input or a reference).
     pub fn tensor(&self, name: &str) -> Tensor {
         self.used.borrow_mut().insert(name.to_string());
