@@ -4,6 +4,7 @@
 
 mod parity {
     pub mod common;
+    pub mod encoder;
 }
 
 use parity::common::{fixture_dirs, Fixture};
@@ -22,6 +23,7 @@ fn parity_with_official_implementation() {
     for dir in fixture_dirs() {
         let fx = Fixture::load(&dir);
         println!("== fixture {} ({})", fx.name, dir.display());
+        parity::encoder::check(&fx);
         for unused in fx.unused() {
             match not_compared_reason(&unused) {
                 Some(why) => println!("{:<14} {unused:<34} not compared: {why}", fx.name),
