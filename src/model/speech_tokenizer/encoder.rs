@@ -14,9 +14,11 @@
 //! Ported here instead:
 //! - The encoder transformer. candle's `StreamingTransformer` keeps a KV cache (`&mut self`),
 //!   masks with a sliding window of `context` frames, supports neither grouped KV heads nor a
-//!   `head_dim` other than hidden/heads, and fixes the norm eps. The official package runs Mimi with
-//!   eager attention, where `create_causal_mask` builds a plain causal mask over the whole clip:
-//!   `sliding_window` only takes effect under flash-attention, so it is not read here.
+//!   `head_dim` other than hidden/heads, and fixes the norm eps. The official package runs Mimi's
+//!   transformer with SDPA (even when loaded with `attn_implementation="eager"`); under SDPA and
+//!   eager alike `create_causal_mask` gives a plain causal mask over the whole clip, and
+//!   `sliding_window` only takes effect under flash-attention, so it is not read here (the
+//!   fixtures confirm it: a window of `sliding_window` frames is off by 7e-2 on tiny-seed0).
 //! - The split RVQ. candle's hard-codes one semantic quantizer, always runs all 32 quantizers and
 //!   ranks codewords by |c|²/2 − x·c. Here `num_semantic_quantizers` comes from the config, only the
 //!   kept codebooks run (a residual quantizer's first k codes do not depend on later layers), and
@@ -87,9 +89,9 @@ pub struct EncoderConfig {
     pub num_filters: usize,
     #[serde(default = "one")]
     pub num_residual_layers: usize,
-    /// The decoder's order; the encoder downsamples by them reversed. Empty: the default.
+    /// The decoder's order; the encoder downsamples by them reversed. `None` or empty: [8, 6, 5, 4].
     #[serde(default)]
-    pub upsampling_ratios: Vec<usize>,
+    pub upsampling_ratios: Option<Vec<usize>>,
     #[serde(default = "default_kernel_size")]
     pub kernel_size: usize,
     #[serde(default = "three")]
@@ -210,10 +212,9 @@ impl EncoderConfig {
     }
 
     pub fn upsampling_ratios(&self) -> Vec<usize> {
-        if self.upsampling_ratios.is_empty() {
-            vec![8, 6, 5, 4]
-        } else {
-            self.upsampling_ratios.clone()
+        match &self.upsampling_ratios {
+            Some(ratios) if !ratios.is_empty() => ratios.clone(),
+            _ => vec![8, 6, 5, 4],
         }
     }
 
@@ -267,7 +268,8 @@ pub struct SpeechEncoder {
 
 impl SpeechEncoder {
     /// `vb`: the root of `speech_tokenizer/model.safetensors` (the encoder's tensors are under
-    /// `encoder.`). Load it in f32: the codebook search needs f32 distances.
+    /// `encoder.`). Load it in f32 on every device: the codes are nearest-codeword choices, and
+    /// bf16 activations would flip some of them.
     pub fn load(vb: VarBuilder, cfg: &SpeechTokenizerConfig) -> candle_core::Result<Self> {
         let enc = &cfg.encoder_config;
         if !enc.use_causal_conv {
@@ -651,5 +653,30 @@ impl Codebook {
             .maximum(0f32)?
             .sqrt()?
             .argmin(D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_config_gets_mimi_code_defaults() {
+        let cfg: SpeechTokenizerConfig =
+            serde_json::from_str(r#"{"encoder_config": {"codebook_dim": null}}"#).unwrap();
+        let enc = &cfg.encoder_config;
+        assert_eq!(cfg.encoder_valid_num_quantizers, 16);
+        assert_eq!(cfg.encode_downsample_rate, 1920);
+        assert_eq!(enc.upsampling_ratios(), vec![8, 6, 5, 4]);
+        assert_eq!(
+            (enc.hidden_size, enc.head_dim(), enc.codebook_dim()),
+            (512, 64, 512)
+        );
+        assert_eq!((enc.frame_rate(), enc.encodec_frame_rate()), (12.5, 25));
+        assert_eq!(
+            (enc.hidden_act, enc.pad_mode),
+            (Activation::Gelu, PadMode::Constant)
+        );
+        assert_eq!(EncoderConfig::python_defaults().codebook_dim(), 256);
     }
 }
