@@ -7,6 +7,7 @@ pub mod linear;
 pub mod prompt;
 pub mod sampling;
 pub mod speaker_encoder;
+pub mod speech_tokenizer;
 pub mod talker;
 pub mod tokenizer;
 pub mod transformer;

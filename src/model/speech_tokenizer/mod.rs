@@ -1,0 +1,2 @@
+//! The 12 Hz speech tokenizer: audio → codes (encoder) and codes → audio (decoder).
+pub mod encoder;
