@@ -1185,3 +1185,34 @@ impl SpeechDecoder {
             .reshape((b, n * self.samples_per_frame))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However long the utterance, a state keeps the same conv carries and at most
+    /// `sliding_window − 1` positions per attention layer: a step's cost does not grow.
+    #[test]
+    fn state_stays_bounded() -> Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-seed0/checkpoint/speech_tokenizer");
+        let cfg = DecoderConfig::load(&dir.join("config.json"))?;
+        let vb =
+            crate::model::weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
+        let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg)?;
+        let mut state = decoder.new_state()?;
+        let carry_dims =
+            |s: &mut DecoderState| s.carries_mut().iter().map(|c| c.dims()).collect::<Vec<_>>();
+        let fresh = carry_dims(&mut state);
+        let frame =
+            Tensor::arange(0u32, cfg.num_quantizers as u32, &Device::Cpu)?.reshape((1, ()))?;
+        for frames in 1..=3 * cfg.sliding_window {
+            decoder.step(&mut state, &frame)?;
+            assert_eq!(carry_dims(&mut state), fresh);
+            let expected = frames.min(cfg.sliding_window - 1);
+            assert!(state.rows[0].layers.iter().all(|w| w.len() == expected));
+            assert_eq!(state.frames(), frames);
+        }
+        Ok(())
+    }
+}

@@ -72,6 +72,11 @@ impl Carry {
         }))
     }
 
+    #[cfg(test)]
+    pub fn dims(&self) -> Option<Vec<usize>> {
+        self.0.as_ref().map(|t| t.dims().to_vec())
+    }
+
     /// Row `row` of a batched carry.
     pub fn row(&self, row: usize) -> Result<Self> {
         Ok(Self(match &self.0 {
