@@ -38,15 +38,7 @@ fn parity_with_official_implementation() {
                 )),
             }
         }
-        all_failures.extend(
-            fx.failures()
-                .into_iter()
-                .map(|f| format!("{}: {f}", fx.name)),
-        );
+        all_failures.extend(fx.failures().into_iter().map(|f| format!("{}: {f}", fx.name)));
     }
-    assert!(
-        all_failures.is_empty(),
-        "parity failures:\n{}",
-        all_failures.join("\n")
-    );
+    assert!(all_failures.is_empty(), "parity failures:\n{}", all_failures.join("\n"));
 }

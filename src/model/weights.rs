@@ -28,11 +28,9 @@ pub fn mmap(file: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'st
     }
     // SAFETY: the file is mapped read-only; like every safetensors loader we assume nobody
     // truncates the checkpoint while the process runs.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, device) }.map_err(|source| {
-        Error::Weights {
-            file: file.to_path_buf(),
-            source,
-        }
+    unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, device) }.map_err(|source| Error::Weights {
+        file: file.to_path_buf(),
+        source,
     })
 }
 

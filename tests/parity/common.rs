@@ -55,13 +55,9 @@ impl Fixture {
         let text = std::fs::read_to_string(&json_path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", json_path.display()));
         let json: Value = serde_json::from_str(&text).expect("fixtures.json is not JSON");
-        let tensors =
-            candle_core::safetensors::load(dir.join("fixtures.safetensors"), &Device::Cpu)
-                .expect("cannot load fixtures.safetensors");
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let tensors = candle_core::safetensors::load(dir.join("fixtures.safetensors"), &Device::Cpu)
+            .expect("cannot load fixtures.safetensors");
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         Fixture {
             dir: dir.to_path_buf(),
             name,
@@ -73,8 +69,7 @@ impl Fixture {
     }
 
     pub fn checkpoint(&self) -> PathBuf {
-        self.dir
-            .join(self.json["checkpoint"].as_str().unwrap_or("checkpoint"))
+        self.dir.join(self.json["checkpoint"].as_str().unwrap_or("checkpoint"))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -91,11 +86,7 @@ impl Fixture {
     }
 
     pub fn ints(&self, name: &str) -> Vec<i64> {
-        self.tensor(name)
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
+        self.tensor(name).flatten_all().unwrap().to_vec1::<i64>().unwrap()
     }
 
     pub fn ints2(&self, name: &str) -> Vec<Vec<i64>> {
@@ -103,11 +94,7 @@ impl Fixture {
     }
 
     pub fn floats(&self, name: &str) -> Vec<f32> {
-        self.tensor(name)
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
+        self.tensor(name).flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
     /// Compares a float tensor with the fixture's, prints one report line, records a failure.
@@ -118,31 +105,15 @@ impl Fixture {
 
     /// Like `compare`, against a given reference (e.g. a streaming decode vs `decoder.whole`).
     pub fn compare_to(&self, label: &str, ours: &Tensor, reference: &Tensor, tol: Tol) {
-        let ours = ours
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let reference = reference
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let ours = ours.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let reference = reference.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         self.compare_slices(label, &ours, &reference, tol);
     }
 
     pub fn compare_slices(&self, label: &str, ours: &[f32], reference: &[f32], tol: Tol) {
         let (rel_bound, abs_bound) = tol.bounds();
         if ours.len() != reference.len() {
-            self.fail(format!(
-                "{label}: length {} != reference {}",
-                ours.len(),
-                reference.len()
-            ));
+            self.fail(format!("{label}: length {} != reference {}", ours.len(), reference.len()));
             return;
         }
         let mut diff2 = 0f64;
@@ -165,9 +136,7 @@ impl Fixture {
             if ok { "ok" } else { "FAIL" }
         );
         if !ok {
-            self.fail(format!(
-                "{label}: rel_l2 {rel:.3e} max_abs {max_abs:.3e} finite {finite}"
-            ));
+            self.fail(format!("{label}: rel_l2 {rel:.3e} max_abs {max_abs:.3e} finite {finite}"));
         }
     }
 
@@ -211,10 +180,7 @@ impl Fixture {
 
     /// Case names in fixtures.json order.
     pub fn cases(&self) -> Vec<String> {
-        self.json["cases"]
-            .as_object()
-            .map(|c| c.keys().cloned().collect())
-            .unwrap_or_default()
+        self.json["cases"].as_object().map(|c| c.keys().cloned().collect()).unwrap_or_default()
     }
 
     pub fn case(&self, case: &str) -> &Value {
@@ -226,12 +192,7 @@ impl Fixture {
 pub fn fixture_dirs() -> Vec<PathBuf> {
     let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0")];
     if let Ok(extra) = std::env::var("KOE_PARITY_DIRS") {
-        dirs.extend(
-            extra
-                .split(':')
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
-        );
+        dirs.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
     }
     dirs
 }

@@ -11,8 +11,7 @@ use std::time::Instant;
 pub fn check(fx: &Fixture) {
     let dir = fx.checkpoint().join("speech_tokenizer");
     let cfg = DecoderConfig::load(&dir.join("config.json")).expect("decoder config");
-    let vb = weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)
-        .expect("decoder weights");
+    let vb = weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu).expect("decoder weights");
     let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg).expect("decoder");
     let codes = fx.tensor("decoder.codes");
     let whole = fx.tensor("decoder.whole");
@@ -24,9 +23,7 @@ pub fn check(fx: &Fixture) {
     let mut state = decoder.new_state().unwrap();
     let started = Instant::now();
     let ours = decoder
-        .step_observed(&mut state, &codes, &mut |stage, t| {
-            stages.push((stage, t.clone()))
-        })
+        .step_observed(&mut state, &codes, &mut |stage, t| stages.push((stage, t.clone())))
         .unwrap();
     let whole_ms = started.elapsed().as_secs_f64() * 1e3;
     for (stage, t) in &stages {
@@ -61,11 +58,7 @@ pub fn check(fx: &Fixture) {
         )
         .unwrap();
     for (i, t) in &short_stages {
-        fx.compare(
-            &format!("decoder.short.block{i}"),
-            &t.squeeze(0).unwrap(),
-            Tol::Wave,
-        );
+        fx.compare(&format!("decoder.short.block{i}"), &t.squeeze(0).unwrap(), Tol::Wave);
     }
     fx.compare("decoder.short.whole", &short, Tol::Wave);
 
@@ -93,9 +86,7 @@ pub fn check(fx: &Fixture) {
 
     // A primed state (an ICL voice's reference codes) continues exactly; its clones are independent.
     let prime_frames = short_frames.min(frames - 1);
-    let primed = decoder
-        .prime(&codes.narrow(0, 0, prime_frames).unwrap())
-        .unwrap();
+    let primed = decoder.prime(&codes.narrow(0, 0, prime_frames).unwrap()).unwrap();
     let rest = whole
         .narrow(0, prime_frames * spf, (frames - prime_frames) * spf)
         .unwrap();
@@ -108,19 +99,13 @@ pub fn check(fx: &Fixture) {
     // A batch of three utterances at different points: row 0 one frame per tick, row 1 one
     // frame per tick starting three ticks later (unequal windows), row 2 primed and two frames
     // per tick (its own group).
-    let mut states: Vec<DecoderState> = vec![
-        decoder.new_state().unwrap(),
-        decoder.new_state().unwrap(),
-        primed,
-    ];
+    let mut states: Vec<DecoderState> = vec![decoder.new_state().unwrap(), decoder.new_state().unwrap(), primed];
     let starts = [0, 0, prime_frames];
     let per_tick = [1, 1, 2];
     let mut next = starts;
     let mut pcm: Vec<Vec<Tensor>> = vec![Vec::new(); 3];
     for tick in 0.. {
-        let active: Vec<usize> = (0..3)
-            .filter(|&r| next[r] < frames && (r != 1 || tick >= 3))
-            .collect();
+        let active: Vec<usize> = (0..3).filter(|&r| next[r] < frames && (r != 1 || tick >= 3)).collect();
         if active.is_empty() {
             break;
         }
@@ -144,16 +129,9 @@ pub fn check(fx: &Fixture) {
         }
     }
     for (r, rows_pcm) in pcm.iter().enumerate() {
-        let reference = whole
-            .narrow(0, starts[r] * spf, (frames - starts[r]) * spf)
-            .unwrap();
+        let reference = whole.narrow(0, starts[r] * spf, (frames - starts[r]) * spf).unwrap();
         let ours = Tensor::cat(rows_pcm, 0).unwrap();
-        fx.compare_to(
-            &format!("stream.batch.row{r}"),
-            &ours,
-            &reference,
-            Tol::Wave,
-        );
+        fx.compare_to(&format!("stream.batch.row{r}"), &ours, &reference, Tol::Wave);
     }
 }
 
@@ -173,11 +151,7 @@ fn stream(
             break;
         }
         let n = n.min(frames - at);
-        pcm.push(
-            decoder
-                .step(state, &codes.narrow(0, at, n).unwrap())
-                .unwrap(),
-        );
+        pcm.push(decoder.step(state, &codes.narrow(0, at, n).unwrap()).unwrap());
         at += n;
     }
     Tensor::cat(&pcm, 0).unwrap()

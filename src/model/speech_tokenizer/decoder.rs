@@ -116,14 +116,12 @@ impl DecoderConfig {
             path: file.to_path_buf(),
             source,
         })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
         let section = json
             .get("decoder_config")
             .cloned()
             .unwrap_or_else(|| serde_json::json!({}));
-        let cfg: Self = serde_json::from_value(section)
-            .map_err(|e| config_error(format!("decoder_config: {e}")))?;
+        let cfg: Self = serde_json::from_value(section).map_err(|e| config_error(format!("decoder_config: {e}")))?;
         cfg.validate().map_err(config_error)?;
         Ok(cfg)
     }
@@ -132,43 +130,28 @@ impl DecoderConfig {
         if let Some(serde_json::Value::Object(scaling)) = &self.rope_scaling {
             let kind = scaling.get("rope_type").or_else(|| scaling.get("type"));
             if kind.and_then(|k| k.as_str()) != Some("default") {
-                return Err(format!(
-                    "decoder_config.rope_scaling {kind:?} is not supported"
-                ));
+                return Err(format!("decoder_config.rope_scaling {kind:?} is not supported"));
             }
         }
         if self.sliding_window == 0 {
             return Err("decoder_config.sliding_window must be at least 1".into());
         }
         if self.num_quantizers < 2 {
-            return Err(
-                "decoder_config.num_quantizers must be at least 2 (1 semantic + acoustic)".into(),
-            );
+            return Err("decoder_config.num_quantizers must be at least 2 (1 semantic + acoustic)".into());
         }
-        if self.num_key_value_heads == 0
-            || !self
-                .num_attention_heads
-                .is_multiple_of(self.num_key_value_heads)
-        {
-            return Err(
-                "decoder_config.num_attention_heads must be a multiple of num_key_value_heads"
-                    .into(),
-            );
+        if self.num_key_value_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+            return Err("decoder_config.num_attention_heads must be a multiple of num_key_value_heads".into());
         }
         Ok(())
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Output samples per code frame (1920 in the release).
     pub fn samples_per_frame(&self) -> usize {
-        self.upsampling_ratios
-            .iter()
-            .chain(&self.upsample_rates)
-            .product()
+        self.upsampling_ratios.iter().chain(&self.upsample_rates).product()
     }
 }
 
@@ -203,19 +186,11 @@ struct CausalConv1d {
 }
 
 impl CausalConv1d {
-    fn load(
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        dilation: usize,
-        vb: VarBuilder,
-    ) -> CResult<Self> {
+    fn load(in_channels: usize, out_channels: usize, kernel: usize, dilation: usize, vb: VarBuilder) -> CResult<Self> {
         let vb = vb.pp("conv");
         Ok(Self {
             weight: vb.get((out_channels, in_channels, kernel), "weight")?,
-            bias: vb
-                .get(out_channels, "bias")?
-                .reshape((1, out_channels, 1))?,
+            bias: vb.get(out_channels, "bias")?.reshape((1, out_channels, 1))?,
             dilation,
             in_channels,
             context: (kernel - 1) * dilation,
@@ -263,20 +238,13 @@ impl DepthwiseCausalConv1d {
 
     fn fresh_carry(&self) -> CResult<Carry> {
         let channels = self.bias.dim(1)?;
-        Carry::zeros(
-            channels,
-            self.taps.len() - 1,
-            self.bias.dtype(),
-            self.bias.device(),
-        )
+        Carry::zeros(channels, self.taps.len() - 1, self.bias.dtype(), self.bias.device())
     }
 
     fn step(&self, carry: &mut Carry, xs: &Tensor) -> CResult<Tensor> {
         let n = xs.dim(D::Minus1)?;
         let padded = carry.prepend(xs)?;
-        let mut acc = padded
-            .narrow(D::Minus1, 0, n)?
-            .broadcast_mul(&self.taps[0])?;
+        let mut acc = padded.narrow(D::Minus1, 0, n)?.broadcast_mul(&self.taps[0])?;
         for (k, tap) in self.taps.iter().enumerate().skip(1) {
             acc = (acc + padded.narrow(D::Minus1, k, n)?.broadcast_mul(tap)?)?;
         }
@@ -304,13 +272,7 @@ struct CausalConvTranspose1d {
 }
 
 impl CausalConvTranspose1d {
-    fn load(
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        stride: usize,
-        vb: VarBuilder,
-    ) -> CResult<Self> {
+    fn load(in_channels: usize, out_channels: usize, kernel: usize, stride: usize, vb: VarBuilder) -> CResult<Self> {
         let vb = vb.pp("conv");
         let pieces = kernel.div_ceil(stride);
         let weight = vb
@@ -319,9 +281,7 @@ impl CausalConvTranspose1d {
             .reshape((in_channels, ()))?;
         Ok(Self {
             weight,
-            bias: vb
-                .get(out_channels, "bias")?
-                .reshape((1, out_channels, 1))?,
+            bias: vb.get(out_channels, "bias")?.reshape((1, out_channels, 1))?,
             out_channels,
             stride,
             pieces,
@@ -330,12 +290,7 @@ impl CausalConvTranspose1d {
 
     fn fresh_carry(&self) -> CResult<Carry> {
         let overlap = (self.pieces - 1) * self.stride;
-        Carry::zeros(
-            self.out_channels,
-            overlap,
-            self.weight.dtype(),
-            self.weight.device(),
-        )
+        Carry::zeros(self.out_channels, overlap, self.weight.dtype(), self.weight.device())
     }
 
     /// [B, in, n] → [B, out, n·stride]. The bias is added once, after the overlap-add.
@@ -360,9 +315,7 @@ impl CausalConvTranspose1d {
                 None => piece,
             });
         }
-        let full = full.ok_or_else(|| {
-            candle_core::Error::Msg("transposed conv with an empty kernel".into())
-        })?;
+        let full = full.ok_or_else(|| candle_core::Error::Msg("transposed conv with an empty kernel".into()))?;
         carry.overlap_add(&full)?.broadcast_add(&self.bias)
     }
 }
@@ -376,10 +329,7 @@ struct SnakeBeta {
 
 impl SnakeBeta {
     fn load(channels: usize, vb: VarBuilder) -> CResult<Self> {
-        let alpha = vb
-            .get(channels, "alpha")?
-            .exp()?
-            .reshape((1, channels, 1))?;
+        let alpha = vb.get(channels, "alpha")?.exp()?.reshape((1, channels, 1))?;
         let inv_beta = (vb.get(channels, "beta")?.exp()? + 1e-9)?
             .recip()?
             .reshape((1, channels, 1))?;
@@ -487,18 +437,12 @@ impl VocoderBlock {
     fn fresh_carries(&self) -> CResult<BlockCarries> {
         Ok(BlockCarries {
             upsample: self.upsample.fresh_carry()?,
-            units: self
-                .units
-                .iter()
-                .map(|u| u.fresh_carries())
-                .collect::<CResult<_>>()?,
+            units: self.units.iter().map(|u| u.fresh_carries()).collect::<CResult<_>>()?,
         })
     }
 
     fn step(&self, carries: &mut BlockCarries, xs: &Tensor) -> CResult<Tensor> {
-        let mut h = self
-            .upsample
-            .step(&mut carries.upsample, &self.snake.forward(xs)?)?;
+        let mut h = self.upsample.step(&mut carries.upsample, &self.snake.forward(xs)?)?;
         for (unit, unit_carries) in self.units.iter().zip(&mut carries.units) {
             h = unit.step(unit_carries, &h)?;
         }
@@ -519,13 +463,7 @@ struct ResidualCodebooks {
 }
 
 impl ResidualCodebooks {
-    fn load(
-        count: usize,
-        bins: usize,
-        dim: usize,
-        out_dim: usize,
-        vb: VarBuilder,
-    ) -> CResult<Self> {
+    fn load(count: usize, bins: usize, dim: usize, out_dim: usize, vb: VarBuilder) -> CResult<Self> {
         let codebooks = (0..count)
             .map(|i| {
                 let vb = vb.pp(format!("vq.layers.{i}._codebook"));
@@ -534,13 +472,8 @@ impl ResidualCodebooks {
                     .broadcast_div(&usage.unsqueeze(1)?)
             })
             .collect::<CResult<_>>()?;
-        let output_proj = vb
-            .get((out_dim, dim, 1), "output_proj.weight")?
-            .squeeze(2)?;
-        Ok(Self {
-            codebooks,
-            output_proj,
-        })
+        let output_proj = vb.get((out_dim, dim, 1), "output_proj.weight")?.squeeze(2)?;
+        Ok(Self { codebooks, output_proj })
     }
 
     /// `codes`: one [rows] index vector per codebook → [rows, out]
@@ -553,9 +486,7 @@ impl ResidualCodebooks {
                 None => looked_up,
             });
         }
-        let sum = sum.ok_or_else(|| {
-            candle_core::Error::Msg("residual quantizer without codebooks".into())
-        })?;
+        let sum = sum.ok_or_else(|| candle_core::Error::Msg("residual quantizer without codebooks".into()))?;
         sum.matmul(&self.output_proj.t()?)
     }
 }
@@ -573,13 +504,7 @@ impl SplitQuantizer {
         let dim = out_dim / 2;
         Ok(Self {
             semantic: ResidualCodebooks::load(1, bins, dim, out_dim, vb.pp("rvq_first"))?,
-            acoustic: ResidualCodebooks::load(
-                cfg.num_quantizers - 1,
-                bins,
-                dim,
-                out_dim,
-                vb.pp("rvq_rest"),
-            )?,
+            acoustic: ResidualCodebooks::load(cfg.num_quantizers - 1, bins, dim, out_dim, vb.pp("rvq_rest"))?,
         })
     }
 
@@ -639,19 +564,10 @@ impl Attention {
     }
 
     /// xs [B, n, hidden]; cos/sin [B, n, head_dim/2]; one window per row.
-    fn step(
-        &self,
-        xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        windows: &mut [&mut KvWindow],
-    ) -> CResult<Tensor> {
+    fn step(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, windows: &mut [&mut KvWindow]) -> CResult<Tensor> {
         let (b, n, _) = xs.dims3()?;
-        let split_heads = |t: Tensor, heads: usize| {
-            t.reshape((b, n, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let split_heads =
+            |t: Tensor, heads: usize| t.reshape((b, n, heads, self.head_dim))?.transpose(1, 2)?.contiguous();
         let q = split_heads(self.q_proj.forward(xs)?, self.heads)?;
         let k = split_heads(self.k_proj.forward(xs)?, self.kv_heads)?;
         let v = split_heads(self.v_proj.forward(xs)?, self.kv_heads)?;
@@ -672,19 +588,12 @@ impl Attention {
                 .collect::<CResult<Vec<_>>>()?;
             Tensor::cat(&rows, 0)?
         };
-        self.o_proj
-            .forward(&out.transpose(1, 2)?.reshape((b, n, ()))?)
+        self.o_proj.forward(&out.transpose(1, 2)?.reshape((b, n, ()))?)
     }
 
     /// Eager attention of the new positions over each row's window and themselves, under the
     /// sliding-window causal mask (`key > query − window`); every window holds as many positions.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        windows: &mut [&mut KvWindow],
-    ) -> CResult<Tensor> {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, windows: &mut [&mut KvWindow]) -> CResult<Tensor> {
         let past = windows[0].len();
         let n = q.dim(2)?;
         let (k, v) = KvWindow::extend(windows, k, v, self.window)?;
@@ -703,27 +612,14 @@ impl Attention {
 /// Additive mask [n, past + n] for queries at positions past..past+n over keys 0..past+n:
 /// a key is visible when it is not in the future and fewer than `window` positions back.
 /// `None` when everything is visible.
-fn sliding_window_mask(
-    past: usize,
-    n: usize,
-    window: usize,
-    device: &Device,
-) -> CResult<Option<Tensor>> {
+fn sliding_window_mask(past: usize, n: usize, window: usize, device: &Device) -> CResult<Option<Tensor>> {
     let total = past + n;
     let visible = |q: usize, k: usize| k <= q && q - k < window;
     if (past..total).all(|q| (0..total).all(|k| visible(q, k))) {
         return Ok(None);
     }
     let mask: Vec<f32> = (past..total)
-        .flat_map(|q| {
-            (0..total).map(move |k| {
-                if visible(q, k) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
+        .flat_map(|q| (0..total).map(move |k| if visible(q, k) { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Tensor::from_vec(mask, (n, total), device).map(Some)
 }
@@ -772,30 +668,18 @@ impl TransformerLayer {
             input_layernorm: candle_nn::rms_norm(hidden, eps, vb.pp("input_layernorm"))?,
             self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
             self_attn_layer_scale: vb.get(hidden, "self_attn_layer_scale.scale")?,
-            post_attention_layernorm: candle_nn::rms_norm(
-                hidden,
-                eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: candle_nn::rms_norm(hidden, eps, vb.pp("post_attention_layernorm"))?,
             mlp: Mlp::load(cfg, vb.pp("mlp"))?,
             mlp_layer_scale: vb.get(hidden, "mlp_layer_scale.scale")?,
         })
     }
 
-    fn step(
-        &self,
-        xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        windows: &mut [&mut KvWindow],
-    ) -> CResult<Tensor> {
+    fn step(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, windows: &mut [&mut KvWindow]) -> CResult<Tensor> {
         let attn = self
             .self_attn
             .step(&self.input_layernorm.forward(xs)?, cos, sin, windows)?;
         let xs = (xs + attn.broadcast_mul(&self.self_attn_layer_scale)?)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs + mlp.broadcast_mul(&self.mlp_layer_scale)?
     }
 }
@@ -845,14 +729,12 @@ impl PreTransformer {
             .iter()
             .flat_map(|row| (row.position..row.position + n).map(|p| p as f32))
             .collect();
-        let freqs =
-            Tensor::from_vec(positions, (b, n, 1), xs.device())?.broadcast_mul(&self.inv_freq)?;
+        let freqs = Tensor::from_vec(positions, (b, n, 1), xs.device())?.broadcast_mul(&self.inv_freq)?;
         let cos = freqs.cos()?.to_dtype(xs.dtype())?;
         let sin = freqs.sin()?.to_dtype(xs.dtype())?;
         let mut hidden = self.input_proj.forward(xs)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut windows: Vec<&mut KvWindow> =
-                rows.iter_mut().map(|row| &mut row.layers[l]).collect();
+            let mut windows: Vec<&mut KvWindow> = rows.iter_mut().map(|row| &mut row.layers[l]).collect();
             hidden = layer.step(&hidden, &cos, &sin, &mut windows)?;
         }
         for row in rows.iter_mut() {
@@ -1060,19 +942,13 @@ impl SpeechDecoder {
         if codes.dim(0)? == 0 {
             return self.concat_pcm(&[], codes.device());
         }
-        Ok(self
-            .step_rows(state, &codes.unsqueeze(0)?, observe)?
-            .get(0)?)
+        Ok(self.step_rows(state, &codes.unsqueeze(0)?, observe)?.get(0)?)
     }
 
     /// Steps several utterances at once, `codes[i]` [n_i, Q] for `states[i]`: the weight work of
     /// the utterances with equally many new frames runs as one batch, attention against each
     /// one's own window. Returns each utterance's new samples.
-    pub fn step_batch(
-        &self,
-        states: &mut [&mut DecoderState],
-        codes: &[Tensor],
-    ) -> Result<Vec<Tensor>> {
+    pub fn step_batch(&self, states: &mut [&mut DecoderState], codes: &[Tensor]) -> Result<Vec<Tensor>> {
         if states.len() != codes.len() {
             return Err(Error::InvalidRequest(format!(
                 "step_batch: {} states but {} code chunks",
@@ -1080,14 +956,8 @@ impl SpeechDecoder {
                 codes.len()
             )));
         }
-        let codes = codes
-            .iter()
-            .map(|c| self.frame_codes(c))
-            .collect::<Result<Vec<_>>>()?;
-        let mut frame_counts = codes
-            .iter()
-            .map(|c| c.dim(0))
-            .collect::<CResult<Vec<_>>>()?;
+        let codes = codes.iter().map(|c| self.frame_codes(c)).collect::<Result<Vec<_>>>()?;
+        let mut frame_counts = codes.iter().map(|c| c.dim(0)).collect::<CResult<Vec<_>>>()?;
         let mut pcm: Vec<Option<Tensor>> = vec![None; codes.len()];
         let counts = {
             frame_counts.sort_unstable();
@@ -1104,8 +974,7 @@ impl SpeechDecoder {
                 }
                 continue;
             }
-            let batch_codes =
-                Tensor::stack(&members.iter().map(|&i| &codes[i]).collect::<Vec<_>>(), 0)?;
+            let batch_codes = Tensor::stack(&members.iter().map(|&i| &codes[i]).collect::<Vec<_>>(), 0)?;
             let mut group: Vec<&mut DecoderState> = states
                 .iter_mut()
                 .enumerate()
@@ -1158,20 +1027,13 @@ impl SpeechDecoder {
             .step(&mut state.rows, &hidden.transpose(1, 2)?.contiguous()?)?;
         observe(Stage::PreTransformer, &hidden);
         let mut hidden = hidden.transpose(1, 2)?.contiguous()?;
-        for (i, ((upsample, convnext), [tail, context])) in
-            self.upsample.iter().zip(&mut state.upsample).enumerate()
-        {
+        for (i, ((upsample, convnext), [tail, context])) in self.upsample.iter().zip(&mut state.upsample).enumerate() {
             hidden = convnext.step(context, &upsample.step(tail, &hidden)?)?;
             observe(Stage::Upsample(i), &hidden);
         }
         hidden = self.vocoder_input.step(&mut state.vocoder_input, &hidden)?;
         observe(Stage::Vocoder(0), &hidden);
-        for (i, (block, carries)) in self
-            .vocoder_blocks
-            .iter()
-            .zip(&mut state.vocoder_blocks)
-            .enumerate()
-        {
+        for (i, (block, carries)) in self.vocoder_blocks.iter().zip(&mut state.vocoder_blocks).enumerate() {
             hidden = block.step(carries, &hidden)?;
             observe(Stage::Vocoder(i + 1), &hidden);
         }
@@ -1180,9 +1042,7 @@ impl SpeechDecoder {
         observe(Stage::Vocoder(last), &hidden);
         hidden = self.output_conv.step(&mut state.output_conv, &hidden)?;
         observe(Stage::Vocoder(last + 1), &hidden);
-        hidden
-            .clamp(-1f32, 1f32)?
-            .reshape((b, n * self.samples_per_frame))
+        hidden.clamp(-1f32, 1f32)?.reshape((b, n * self.samples_per_frame))
     }
 }
 
@@ -1194,18 +1054,14 @@ mod tests {
     /// `sliding_window − 1` positions per attention layer: a step's cost does not grow.
     #[test]
     fn state_stays_bounded() -> Result<()> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tiny-seed0/checkpoint/speech_tokenizer");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0/checkpoint/speech_tokenizer");
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
-        let vb =
-            crate::model::weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
+        let vb = crate::model::weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
         let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg)?;
         let mut state = decoder.new_state()?;
-        let carry_dims =
-            |s: &mut DecoderState| s.carries_mut().iter().map(|c| c.dims()).collect::<Vec<_>>();
+        let carry_dims = |s: &mut DecoderState| s.carries_mut().iter().map(|c| c.dims()).collect::<Vec<_>>();
         let fresh = carry_dims(&mut state);
-        let frame =
-            Tensor::arange(0u32, cfg.num_quantizers as u32, &Device::Cpu)?.reshape((1, ()))?;
+        let frame = Tensor::arange(0u32, cfg.num_quantizers as u32, &Device::Cpu)?.reshape((1, ()))?;
         for frames in 1..=3 * cfg.sliding_window {
             decoder.step(&mut state, &frame)?;
             assert_eq!(carry_dims(&mut state), fresh);

@@ -22,11 +22,7 @@ impl Carry {
         if len == 0 {
             return Ok(Self(None));
         }
-        Ok(Self(Some(Tensor::zeros(
-            (1, channels, len),
-            dtype,
-            device,
-        )?)))
+        Ok(Self(Some(Tensor::zeros((1, channels, len), dtype, device)?)))
     }
 
     /// Causal conv input: the carried context followed by `xs` [B, C, n]; the carry becomes the
@@ -53,13 +49,8 @@ impl Carry {
         let overlap = tail.dim(D::Minus1)?;
         let total = ys.dim(D::Minus1)?;
         let head = (ys.narrow(D::Minus1, 0, overlap)? + &*tail)?;
-        let ys = Tensor::cat(
-            &[&head, &ys.narrow(D::Minus1, overlap, total - overlap)?],
-            D::Minus1,
-        )?;
-        *tail = ys
-            .narrow(D::Minus1, total - overlap, overlap)?
-            .contiguous()?;
+        let ys = Tensor::cat(&[&head, &ys.narrow(D::Minus1, overlap, total - overlap)?], D::Minus1)?;
+        *tail = ys.narrow(D::Minus1, total - overlap, overlap)?.contiguous()?;
         ys.narrow(D::Minus1, 0, total - overlap)
     }
 
@@ -107,11 +98,7 @@ impl KvWindow {
         values: &Tensor,
         window: usize,
     ) -> Result<(Tensor, Tensor)> {
-        let (keys, values) = match windows
-            .iter()
-            .map(|w| w.0.as_ref())
-            .collect::<Option<Vec<_>>>()
-        {
+        let (keys, values) = match windows.iter().map(|w| w.0.as_ref()).collect::<Option<Vec<_>>>() {
             Some(past) => {
                 let past_k: Vec<&Tensor> = past.iter().map(|(k, _)| k).collect();
                 let past_v: Vec<&Tensor> = past.iter().map(|(_, v)| v).collect();
@@ -128,11 +115,7 @@ impl KvWindow {
             w.0 = if keep == 0 {
                 None
             } else {
-                let recent = |t: &Tensor| {
-                    t.narrow(0, row, 1)?
-                        .narrow(2, total - keep, keep)?
-                        .contiguous()
-                };
+                let recent = |t: &Tensor| t.narrow(0, row, 1)?.narrow(2, total - keep, keep)?.contiguous();
                 Some((recent(&keys)?, recent(&values)?))
             };
         }
