@@ -1,2 +1,5 @@
-//! The 12 Hz speech tokenizer: audio → codes (encoder) and codes → audio (decoder).
+//! The 12 Hz speech tokenizer (codec): 24 kHz audio → codes (encoder) and codes → audio
+//! (decoder, exact streaming).
+pub mod decoder;
 pub mod encoder;
+pub(crate) mod streaming;
