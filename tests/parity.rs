@@ -5,6 +5,7 @@
 mod parity {
     pub mod common;
     pub mod decoder;
+    pub mod e2e;
     pub mod encoder;
     pub mod speaker;
     pub mod talker;
@@ -14,8 +15,6 @@ use parity::common::{fixture_dirs, Fixture};
 
 /// Fixture tensors that no check compares yet, each with its reason. The test fails if
 /// fixtures.json lists a tensor outside this list that no check used.
-/// Per-case tensors owned by the audio issue.
-const NOT_COMPARED_SUFFIX: &[(&str, &str)] = &[(".wav", "end-to-end waveform: owned by the audio issue (#3)")];
 const NOT_COMPARED: &[(&str, &str)] = &[(
     "decoder.chunked",
     "the package's chunked_decode(…, 25) is not implemented: koe's exact streaming decoder equals decoder.whole instead",
@@ -25,7 +24,6 @@ fn not_compared_reason(name: &str) -> Option<&'static str> {
     NOT_COMPARED
         .iter()
         .find(|(prefix, _)| name.starts_with(prefix))
-        .or_else(|| NOT_COMPARED_SUFFIX.iter().find(|(suffix, _)| name.ends_with(suffix)))
         .map(|(_, why)| *why)
 }
 
@@ -39,6 +37,7 @@ fn parity_with_official_implementation() {
         parity::speaker::check(&fx);
         parity::encoder::check(&fx);
         parity::decoder::check(&fx);
+        parity::e2e::check(&fx);
         for unused in fx.unused() {
             match not_compared_reason(&unused) {
                 Some(why) => println!("{:<14} {unused:<34} not compared: {why}", fx.name),

@@ -27,6 +27,8 @@ pub struct GenerationParams {
     pub repetition_penalty: f32,
     /// The package's `max_new_tokens`: at most this − 1 frames.
     pub max_new_tokens: usize,
+    /// EOS is blocked until this many codes were picked (the package uses 2).
+    pub min_new_tokens: usize,
     pub seed: u64,
 }
 
@@ -38,6 +40,7 @@ impl GenerationParams {
             code_predictor: SamplingParams::GREEDY,
             repetition_penalty: 1.05,
             max_new_tokens,
+            min_new_tokens: 2,
             seed: 0,
         }
     }
@@ -228,7 +231,13 @@ impl TtsModel {
                 continue;
             }
             let mut logits = all_logits[i].clone();
-            process_code0(&mut logits, &seq.code0_history, seq.params.repetition_penalty, eos);
+            process_code0(
+                &mut logits,
+                &seq.code0_history,
+                seq.params.repetition_penalty,
+                eos,
+                seq.params.min_new_tokens,
+            );
             let m = margin(&logits);
             let code0 = match input {
                 StepInput::Force(codes) => {

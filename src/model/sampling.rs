@@ -99,9 +99,8 @@ pub fn margin(x: &[f32]) -> f32 {
 
 /// The package's processors on codebook-0 logits, in place: repetition penalty over the code0s
 /// generated so far (each id once), suppression of the reserved ids `[vocab−1024, vocab)` except
-/// EOS, and EOS blocked until `min_new_tokens` (2) codes exist.
-pub fn process_code0(logits: &mut [f32], history: &[u32], penalty: f32, eos: u32) {
-    const MIN_NEW_TOKENS: usize = 2;
+/// EOS, and EOS blocked until `min_new_tokens` codes exist (the package: 2).
+pub fn process_code0(logits: &mut [f32], history: &[u32], penalty: f32, eos: u32, min_new_tokens: usize) {
     if penalty != 1.0 {
         let mut seen = vec![false; logits.len()];
         for &id in history {
@@ -119,7 +118,7 @@ pub fn process_code0(logits: &mut [f32], history: &[u32], penalty: f32, eos: u32
             *x = f32::NEG_INFINITY;
         }
     }
-    if history.len() < MIN_NEW_TOKENS {
+    if history.len() < min_new_tokens {
         if let Some(x) = logits.get_mut(eos as usize) {
             *x = f32::NEG_INFINITY;
         }

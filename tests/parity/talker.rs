@@ -208,7 +208,7 @@ fn check_forced_choices(
     let mut ties = 0;
     for (j, row) in logits.iter().enumerate() {
         let mut processed = row.clone();
-        process_code0(&mut processed, &history, 1.05, tc.codec_eos_token_id);
+        process_code0(&mut processed, &history, 1.05, tc.codec_eos_token_id, 2);
         let expected = match ref_codes.get(j) {
             Some(codes) => Some(codes[0] as u32),
             None if stopped_on_eos => Some(tc.codec_eos_token_id),

@@ -1,0 +1,165 @@
+//! The whole pipeline in one place: reference clip → voice, and text → streamed 24 kHz audio.
+//!
+//! `Synthesizer` owns every model of a checkpoint (talker + code predictor, speaker encoder,
+//! speech tokenizer encoder and decoder). A `Voice` is what a reference encodes to, including
+//! the decoder state primed with the reference codes, so an utterance never pays for decoding
+//! the reference. An `Utterance` steps generation one frame at a time and decodes each frame as
+//! it comes (exact streaming: the concatenation equals the whole-sequence decode).
+
+use crate::error::{Error, Result};
+use crate::model::engine::{EndReason, GenerationParams, Sequence, StepInput, StepOutcome};
+use crate::model::linear::WeightFormat;
+use crate::model::prompt::{self, IclReference, TextMode, VoicePrompt};
+use crate::model::speaker_encoder::{speaker_embedding, SpeakerEncoder, SpeakerEncoderConfig};
+use crate::model::speech_tokenizer::decoder::{DecoderConfig as CodecDecoderConfig, DecoderState, SpeechDecoder};
+use crate::model::speech_tokenizer::encoder::{SpeechEncoder, SpeechTokenizerConfig};
+use crate::model::tokenizer::{assistant_text, ref_text};
+use crate::model::tts::TtsModel;
+use crate::model::weights;
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+pub struct Synthesizer {
+    pub tts: TtsModel,
+    pub speaker_encoder: SpeakerEncoder,
+    pub speech_encoder: SpeechEncoder,
+    pub speech_decoder: SpeechDecoder,
+}
+
+/// An encoded voice, ready for any number of utterances.
+#[derive(Clone)]
+pub struct Voice {
+    pub prompt: VoicePrompt,
+    /// Decoder state after the reference codes (ICL) or fresh (x-vector only).
+    pub decoder_state: DecoderState,
+    /// The last reference sample the primed decoder produced (see `package_icl_cut`).
+    pub ref_tail_sample: f32,
+}
+
+impl Voice {
+    pub fn ref_frames(&self) -> usize {
+        self.prompt.icl.as_ref().map_or(0, |icl| icl.codes.dim(0).unwrap_or(0))
+    }
+}
+
+/// Where the package cuts an ICL waveform (`generate_voice_clone`): it decodes reference +
+/// generated codes together and drops `int(ref / total · samples)` samples, computed in floating
+/// point, which for some lengths is one sample short of the reference part (PORTING-NOTES).
+pub fn package_icl_cut(ref_frames: usize, gen_frames: usize, samples_per_frame: usize) -> usize {
+    let total = ref_frames + gen_frames;
+    if total == 0 {
+        return 0;
+    }
+    let samples = (total * samples_per_frame) as f64;
+    (ref_frames as f64 / total as f64 * samples) as usize
+}
+
+impl Synthesizer {
+    /// Loads every model of a checkpoint directory. The speaker encoder and the speech
+    /// tokenizer encoder always run in f32 (their outputs pick codebook entries, which bf16
+    /// would flip); the talker follows `format` and the device.
+    pub fn load(dir: &Path, device: &Device, format: WeightFormat) -> Result<Self> {
+        let tts = TtsModel::load(dir, device, format)?;
+        let main_file = dir.join("model.safetensors");
+        let spk_cfg = SpeakerEncoderConfig::from_model_config(&dir.join("config.json"))?;
+        let vb = weights::mmap(&main_file, DType::F32, device)?;
+        let speaker_encoder = weights::in_file(&main_file, SpeakerEncoder::load(vb, &spk_cfg))?;
+
+        let st_dir = dir.join("speech_tokenizer");
+        let st_file = st_dir.join("model.safetensors");
+        let st_cfg_file = st_dir.join("config.json");
+        let enc_cfg = SpeechTokenizerConfig::from_file(&st_cfg_file)?;
+        let dec_cfg = CodecDecoderConfig::load(&st_cfg_file)?;
+        let vb = weights::mmap(&st_file, DType::F32, device)?;
+        let speech_encoder = weights::in_file(&st_file, SpeechEncoder::load(vb.clone(), &enc_cfg))?;
+        let speech_decoder = SpeechDecoder::load(vb.pp("decoder"), &dec_cfg)?;
+        Ok(Self {
+            tts,
+            speaker_encoder,
+            speech_encoder,
+            speech_decoder,
+        })
+    }
+
+    /// Encodes a 24 kHz mono reference: x-vector always; with a transcript also the reference
+    /// codes (in-context cloning) and the decoder primed with them.
+    pub fn encode_voice(&self, samples_24k: &[f32], transcript: Option<&str>) -> Result<Voice> {
+        let speaker_embedding = speaker_embedding(&self.speaker_encoder, samples_24k)?;
+        let (icl, decoder_state, ref_tail_sample) = match transcript {
+            Some(t) => {
+                if t.trim().is_empty() {
+                    return Err(Error::InvalidRequest("the reference transcript is empty".into()));
+                }
+                let codes = self.speech_encoder.encode(samples_24k)?;
+                let mut state = self.speech_decoder.new_state()?;
+                let pcm = self.speech_decoder.step(&mut state, &codes)?;
+                let tail = match pcm.dim(0)? {
+                    0 => 0.0,
+                    n => pcm.get(n - 1)?.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+                };
+                let text_ids = self.tts.tokenizer.encode(&ref_text(t))?;
+                (Some(IclReference { codes, text_ids }), state, tail)
+            }
+            None => (None, self.speech_decoder.new_state()?, 0.0),
+        };
+        Ok(Voice {
+            prompt: VoicePrompt { speaker_embedding, icl },
+            decoder_state,
+            ref_tail_sample,
+        })
+    }
+
+    /// Prepares an utterance: tokenizes, assembles the prompt and prefills the talker.
+    pub fn start(
+        &self,
+        voice: &Voice,
+        text: &str,
+        language: &str,
+        mode: TextMode,
+        params: &GenerationParams,
+    ) -> Result<Utterance> {
+        let language = prompt::language_id(&self.tts, language)?;
+        let input_ids = self.tts.tokenizer.encode(&assistant_text(text))?;
+        let talker_prompt = prompt::build(&self.tts, &input_ids, &voice.prompt, language, mode)?;
+        Ok(Utterance {
+            sequence: self.tts.start(&talker_prompt, params)?,
+            decoder: voice.decoder_state.clone(),
+            frames: Vec::new(),
+            end: None,
+        })
+    }
+}
+
+/// One utterance being generated and decoded.
+pub struct Utterance {
+    pub sequence: Sequence,
+    pub decoder: DecoderState,
+    /// Codes of every frame so far.
+    pub frames: Vec<Vec<u32>>,
+    pub end: Option<EndReason>,
+}
+
+impl Utterance {
+    /// Generates and decodes the next frame: its PCM (1920 samples at 24 kHz), or `None` once
+    /// the utterance has ended (`end` says why).
+    pub fn next_audio(&mut self, synth: &Synthesizer) -> Result<Option<Tensor>> {
+        if self.end.is_some() {
+            return Ok(None);
+        }
+        match synth
+            .tts
+            .step(&mut [&mut self.sequence], &[StepInput::Sample], false)?
+            .remove(0)
+        {
+            StepOutcome::End(reason) => {
+                self.end = Some(reason);
+                Ok(None)
+            }
+            StepOutcome::Frame { codes, .. } => {
+                let row = Tensor::new(codes.as_slice(), &synth.tts.device)?.unsqueeze(0)?;
+                self.frames.push(codes);
+                Ok(Some(synth.speech_decoder.step(&mut self.decoder, &row)?))
+            }
+        }
+    }
+}
