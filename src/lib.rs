@@ -1,4 +1,6 @@
 //! koe: Qwen3-TTS voice synthesis in candle.
+pub mod audio;
+pub mod config;
 pub mod error;
 pub mod model;
 

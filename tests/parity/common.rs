@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// Tolerance classes of `../shared/parity/README.md` ("How a Rust test should compare").
 #[derive(Clone, Copy, Debug)]
+#[allow(dead_code)] // the audio stages' classes; used as those checks land
 pub enum Tol {
     /// `spk.mels`: log domain near the 1e-5 clamp.
     Mel,
@@ -52,12 +53,15 @@ pub struct Fixture {
 impl Fixture {
     pub fn load(dir: &Path) -> Fixture {
         let json_path = dir.join("fixtures.json");
-        let text = std::fs::read_to_string(&json_path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", json_path.display()));
+        let text =
+            std::fs::read_to_string(&json_path).unwrap_or_else(|e| panic!("cannot read {}: {e}", json_path.display()));
         let json: Value = serde_json::from_str(&text).expect("fixtures.json is not JSON");
         let tensors = candle_core::safetensors::load(dir.join("fixtures.safetensors"), &Device::Cpu)
             .expect("cannot load fixtures.safetensors");
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Fixture {
             dir: dir.to_path_buf(),
             name,
@@ -105,15 +109,31 @@ impl Fixture {
 
     /// Like `compare`, against a given reference (e.g. a streaming decode vs `decoder.whole`).
     pub fn compare_to(&self, label: &str, ours: &Tensor, reference: &Tensor, tol: Tol) {
-        let ours = ours.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let reference = reference.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ours = ours
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let reference = reference
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         self.compare_slices(label, &ours, &reference, tol);
     }
 
     pub fn compare_slices(&self, label: &str, ours: &[f32], reference: &[f32], tol: Tol) {
         let (rel_bound, abs_bound) = tol.bounds();
         if ours.len() != reference.len() {
-            self.fail(format!("{label}: length {} != reference {}", ours.len(), reference.len()));
+            self.fail(format!(
+                "{label}: length {} != reference {}",
+                ours.len(),
+                reference.len()
+            ));
             return;
         }
         let mut diff2 = 0f64;
@@ -136,7 +156,9 @@ impl Fixture {
             if ok { "ok" } else { "FAIL" }
         );
         if !ok {
-            self.fail(format!("{label}: rel_l2 {rel:.3e} max_abs {max_abs:.3e} finite {finite}"));
+            self.fail(format!(
+                "{label}: rel_l2 {rel:.3e} max_abs {max_abs:.3e} finite {finite}"
+            ));
         }
     }
 
@@ -180,7 +202,10 @@ impl Fixture {
 
     /// Case names in fixtures.json order.
     pub fn cases(&self) -> Vec<String> {
-        self.json["cases"].as_object().map(|c| c.keys().cloned().collect()).unwrap_or_default()
+        self.json["cases"]
+            .as_object()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn case(&self, case: &str) -> &Value {

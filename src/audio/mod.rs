@@ -1,0 +1,2 @@
+//! Audio front ends.
+pub mod mel;
