@@ -108,21 +108,15 @@ fn default_decoder_dim() -> usize {
 impl DecoderConfig {
     /// Reads `decoder_config` from the speech tokenizer's config.json.
     pub fn load(file: &Path) -> Result<Self> {
-        let config_error = |msg: String| Error::Config {
+        #[derive(Deserialize)]
+        struct SpeechTokenizerFile {
+            decoder_config: DecoderConfig,
+        }
+        let cfg = crate::model::config::read_json::<SpeechTokenizerFile>(file)?.decoder_config;
+        cfg.validate().map_err(|msg| Error::Config {
             file: file.to_path_buf(),
             msg,
-        };
-        let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
-            path: file.to_path_buf(),
-            source,
         })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
-        let section = json
-            .get("decoder_config")
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({}));
-        let cfg: Self = serde_json::from_value(section).map_err(|e| config_error(format!("decoder_config: {e}")))?;
-        cfg.validate().map_err(config_error)?;
         Ok(cfg)
     }
 
