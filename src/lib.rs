@@ -3,5 +3,6 @@ pub mod audio;
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod voices;
 
 pub use error::{Error, Result};
