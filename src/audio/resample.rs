@@ -4,26 +4,28 @@
 //! so this aims at librosa's output: the same length, `ceil(len · to / from)`, the same
 //! alignment (the filter delay is removed exactly), and a filter whose transition band is
 //! close to soxr HQ's. rubato's FFT resampler derives its filter from the FFT size on the
-//! lower-rate side; [`LOW_RATE_BLOCK`] is the size that matched librosa best in a sweep
+//! lower-rate side; `LOW_RATE_BLOCK` is the size that matched librosa best in a sweep
 //! (256..384) over 8, 11.025, 16, 22.05, 32, 44.1 and 48 kHz inputs.
 //!
 //! Measured against `librosa.resample(y, orig_sr=sr, target_sr=24000)` (librosa 0.11.0,
 //! soxr 1.1.0) on a 3.1 s espeak-ng clip ("The morning light settled over the quiet
-//! harbor.", `espeak-ng -v en-us -s 150`, brought to each rate with `sox … rate -v`), same
-//! length, no shift, relative L2 / max abs difference:
+//! harbor.", `espeak-ng -v en-us -s 150`, brought to each rate with `sox … rate -v`, read as
+//! 16-bit), same length, no shift; relative L2 / max abs difference:
 //!
-//! | input            | speech            | speech·0.7 + white noise σ=0.1 |
-//! |------------------|-------------------|--------------------------------|
-//! | 16 kHz           | 7.0e-4 / 1.1e-3   | 7.5e-3 / 3.1e-3                |
-//! | 44.1 kHz         | 3.0e-6 / 5.2e-6   | 6.0e-3 / 2.3e-3                |
-//! | 8 kHz            | 1.6e-3 / 9.2e-4   | 7.7e-3 / 3.6e-3                |
-//! | 48 kHz           | 1.1e-6 / 4.8e-7   | 6.3e-3 / 2.5e-3                |
+//! | input     | speech          | speech·0.7 + white noise σ=0.1 |
+//! |-----------|-----------------|--------------------------------|
+//! | 8 kHz     | 1.6e-3 / 9.2e-4 | 7.7e-3 / 3.6e-3                |
+//! | 16 kHz    | 7.0e-4 / 1.1e-3 | 7.5e-3 / 3.1e-3                |
+//! | 22.05 kHz | 3.4e-4 / 4.9e-4 | 1.3e-2 / 6.5e-3                |
+//! | 44.1 kHz  | 3.0e-6 / 5.2e-6 | 6.0e-3 / 2.3e-3                |
+//! | 48 kHz    | 1.1e-6 / 4.8e-7 | 6.3e-3 / 2.5e-3                |
 //!
 //! The residual sits in the top few percent of the lower rate's band, where the two filters'
-//! roll-offs differ (white noise puts far more energy there than speech does). With rubato's
-//! default-sized blocks (2048) the noise case differed by 12–15 %. `tests/audio_io.rs` checks
-//! this against librosa's output on short committed clips
-//! (`tests/data/resample/make_reference.py` made them).
+//! roll-offs differ (white noise puts far more energy there than speech does). With 2048-sample
+//! blocks the noise case differed by 12–16 %. `tests/audio_io.rs` checks the 16 and 44.1 kHz
+//! cases on 0.4 s committed clips and librosa's output for them, made by
+//! `tests/data/resample/make_reference.py` (the table's clips came from the same espeak-ng
+//! and sox commands, uncut).
 
 use crate::error::{Error, Result};
 use rubato::{FftFixedIn, Resampler};
