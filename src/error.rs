@@ -48,6 +48,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    #[error("no voice {id:?} in {dir} (available: {available})")]
+    VoiceNotFound {
+        id: String,
+        dir: PathBuf,
+        available: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -5,5 +5,6 @@ pub mod config;
 pub mod error;
 pub mod model;
 pub mod synth;
+pub mod voices;
 
 pub use error::{Error, Result};

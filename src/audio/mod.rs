@@ -1,2 +1,4 @@
 //! Audio front ends.
 pub mod mel;
+pub mod resample;
+pub mod wav;
