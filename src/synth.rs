@@ -6,6 +6,7 @@
 //! the reference. An `Utterance` steps generation one frame at a time and decodes each frame as
 //! it comes (exact streaming: the concatenation equals the whole-sequence decode).
 
+use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::model::engine::{EndReason, GenerationParams, Sequence, StepInput, StepOutcome};
 use crate::model::linear::WeightFormat;
@@ -16,8 +17,12 @@ use crate::model::speech_tokenizer::encoder::{SpeechEncoder, SpeechTokenizerConf
 use crate::model::tokenizer::{assistant_text, ref_text};
 use crate::model::tts::TtsModel;
 use crate::model::weights;
+use crate::voices::{load_prompt, save_prompt, VoiceMode};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
+
+/// Qwen3-TTS-12Hz's audio rate.
+pub const SAMPLE_RATE: u32 = 24_000;
 
 pub struct Synthesizer {
     pub tts: TtsModel,
@@ -82,31 +87,75 @@ impl Synthesizer {
     }
 
     /// Encodes a 24 kHz mono reference: x-vector always; with a transcript also the reference
-    /// codes (in-context cloning) and the decoder primed with them.
-    pub fn encode_voice(&self, samples_24k: &[f32], transcript: Option<&str>) -> Result<Voice> {
+    /// codes (in-context cloning).
+    pub fn encode_voice_prompt(&self, samples_24k: &[f32], transcript: Option<&str>) -> Result<VoicePrompt> {
         let speaker_embedding = speaker_embedding(&self.speaker_encoder, samples_24k)?;
-        let (icl, decoder_state, ref_tail_sample) = match transcript {
-            Some(t) => {
-                if t.trim().is_empty() {
-                    return Err(Error::InvalidRequest("the reference transcript is empty".into()));
-                }
-                let codes = self.speech_encoder.encode(samples_24k)?;
-                let mut state = self.speech_decoder.new_state()?;
-                let pcm = self.speech_decoder.step(&mut state, &codes)?;
-                let tail = match pcm.dim(0)? {
-                    0 => 0.0,
-                    n => pcm.get(n - 1)?.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-                };
-                let text_ids = self.tts.tokenizer.encode(&ref_text(t))?;
-                (Some(IclReference { codes, text_ids }), state, tail)
+        let icl = match transcript {
+            Some(t) if t.trim().is_empty() => {
+                return Err(Error::InvalidRequest("the reference transcript is empty".into()))
             }
-            None => (None, self.speech_decoder.new_state()?, 0.0),
+            Some(t) => Some(IclReference {
+                codes: self.speech_encoder.encode(samples_24k)?,
+                text_ids: self.tts.tokenizer.encode(&ref_text(t))?,
+            }),
+            None => None,
         };
+        Ok(VoicePrompt { speaker_embedding, icl })
+    }
+
+    /// `encode_voice_prompt`, then `voice`.
+    pub fn encode_voice(&self, samples_24k: &[f32], transcript: Option<&str>) -> Result<Voice> {
+        self.voice(self.encode_voice_prompt(samples_24k, transcript)?)
+    }
+
+    /// A ready voice from an encoded prompt: for ICL the decoder is primed with all reference
+    /// codes (the package decodes them together with the generated ones).
+    pub fn voice(&self, prompt: VoicePrompt) -> Result<Voice> {
+        let mut decoder_state = self.speech_decoder.new_state()?;
+        let mut ref_tail_sample = 0.0;
+        if let Some(icl) = &prompt.icl {
+            let pcm = self.speech_decoder.step(&mut decoder_state, &icl.codes)?;
+            if let Some(n) = pcm.dim(0)?.checked_sub(1) {
+                ref_tail_sample = pcm.get(n)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            }
+        }
         Ok(Voice {
-            prompt: VoicePrompt { speaker_embedding, icl },
+            prompt,
             decoder_state,
             ref_tail_sample,
         })
+    }
+
+    /// A voice profile's prompt, from its cache beside the manifest when the model and clip are
+    /// unchanged, else encoded and cached. `x_vector_only` drops the ICL part whatever the
+    /// manifest says.
+    pub fn profile_voice(
+        &self,
+        profile: &crate::voices::Voice,
+        limits: &Limits,
+        model_identity: &str,
+        x_vector_only: bool,
+    ) -> Result<Voice> {
+        let cache = profile.prompt_cache_path(model_identity)?;
+        let mut prompt = if cache.is_file() {
+            load_prompt(&cache, &self.tts.device)?
+        } else {
+            let clip = profile.load_reference(limits, SAMPLE_RATE)?;
+            let transcript = match profile.manifest.mode {
+                VoiceMode::Icl => profile.transcript(),
+                VoiceMode::XVector => None,
+            };
+            let prompt = self.encode_voice_prompt(&clip, transcript)?;
+            if let Err(e) = save_prompt(&prompt, &cache) {
+                // A read-only voices directory still works, only without the cache.
+                tracing::warn!("cannot cache the voice prompt at {}: {e}", cache.display());
+            }
+            prompt
+        };
+        if x_vector_only {
+            prompt.icl = None;
+        }
+        self.voice(prompt)
     }
 
     /// Prepares an utterance: tokenizes, assembles the prompt and prefills the talker.
