@@ -109,15 +109,16 @@ fn run_once(synth: &Synthesizer, clip: &[f32], opts: &BenchOptions) -> Result<Ma
 
     if opts.batch > 1 {
         r.insert("batch".into(), json!(opts.batch));
-        r.insert("batch_frames_per_s".into(), json!(batch_rate(synth, &voice, opts)?));
+        r.insert("batch_frames_per_s".into(), json!(batch_rate(synth, &voice, opts.frames, opts.batch)?));
     }
     Ok(r)
 }
 
-/// Aggregate frames/s of `batch` sequences of the same workload stepped together.
-fn batch_rate(synth: &Synthesizer, voice: &Voice, opts: &BenchOptions) -> Result<f64> {
-    let params = greedy_exact(opts.frames);
-    let mut seqs: Vec<Sequence> = (0..opts.batch)
+/// Aggregate frames/s of `batch` sequences of the bench workload stepped together for `frames`
+/// steps (talker and code predictor; prefill excluded).
+pub fn batch_rate(synth: &Synthesizer, voice: &Voice, frames: usize, batch: usize) -> Result<f64> {
+    let params = greedy_exact(frames);
+    let mut seqs: Vec<Sequence> = (0..batch)
         .map(|_| {
             synth
                 .start(voice, BENCH_TEXT, "english", TextMode::Streaming, &params)
@@ -125,18 +126,18 @@ fn batch_rate(synth: &Synthesizer, voice: &Voice, opts: &BenchOptions) -> Result
         })
         .collect::<Result<_>>()?;
     let t0 = Instant::now();
-    let mut frames = 0;
-    for _ in 0..opts.frames {
+    let mut done = 0;
+    for _ in 0..frames {
         let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
         let inputs = vec![StepInput::Sample; refs.len()];
-        frames += synth
+        done += synth
             .tts
             .step(&mut refs, &inputs, false)?
             .iter()
             .filter(|o| matches!(o, StepOutcome::Frame { .. }))
             .count();
     }
-    Ok(frames as f64 / t0.elapsed().as_secs_f64())
+    Ok(done as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Runs the benchmark: one warm-up (when repeating), `repeat` timed runs, their median.
