@@ -1,7 +1,8 @@
 //! Weight projections: dense (the parity mode) or quantized at load (`--dtype q8_0|q4_k`).
 
+use super::gemv;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 
 /// How the talker's and code predictor's linear weights are stored.
@@ -10,6 +11,9 @@ pub enum WeightFormat {
     /// Compute dtype of the device (f32 on CPU): the parity mode.
     #[default]
     Dense,
+    /// The parity mode on CPU for a bf16 checkpoint: weights stay in their stored bf16 and the
+    /// few-row kernel widens them exactly in registers (same products as f32, half the bytes).
+    StoredBf16,
     /// Quantized on load to a GGML block format; activations and KV stay f32.
     Quantized(GgmlDType),
 }
@@ -36,19 +40,29 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum Projection {
     Dense(Tensor),
+    /// [out, in] bf16 on CPU.
+    Bf16(Tensor),
     Quantized(QMatMul),
 }
 
 impl Linear {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool, format: WeightFormat) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        if format == WeightFormat::StoredBf16 {
+            let w = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::BF16)?;
+            return Ok(Self {
+                weight: Projection::Bf16(w.contiguous()?),
+                bias,
+            });
+        }
+        let w = vb.get((out_dim, in_dim), "weight")?;
         let weight = match format {
             // A row narrower than the format's block cannot be quantized: keep it dense.
             WeightFormat::Quantized(q) if in_dim.is_multiple_of(q.block_size()) => {
                 Projection::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, q)?)?)
             }
-            _ => Projection::Dense(w),
+            // Contiguous [out, in]: the few-row kernel reads the rows in place.
+            _ => Projection::Dense(w.contiguous()?),
         };
         Ok(Self { weight, bias })
     }
@@ -58,10 +72,41 @@ impl Linear {
     }
 }
 
+/// `x Wᵀ` with the CPU row kernel for f32 activations and a contiguous CPU weight ([n, k],
+/// f32 or bf16); `None` when it does not apply.
+fn cpu_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (m, k) = x.dims2()?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let n = w.dim(0)?;
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        return Ok(None);
+    };
+    let xv = &xs.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + m * k];
+    let (start, end) = (wl.start_offset(), wl.start_offset() + n * k);
+    let y = match w.dtype() {
+        DType::F32 => gemv::matmul_wt(xv, m, k, &ws.as_slice::<f32>()?[start..end], n),
+        DType::BF16 => gemv::matmul_wt(xv, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
+        _ => return Ok(None),
+    };
+    Ok(Some(Tensor::from_vec(y, (m, n), &Device::Cpu)?))
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            Projection::Dense(w) => x.matmul(&w.t()?)?,
+            // Few rows (decode steps): the row kernel; many rows (prefill): gemm.
+            Projection::Dense(w) => match x.dim(0)? <= gemv::MAX_ROWS {
+                true => cpu_rows(x, w)?,
+                false => None,
+            }
+            .map_or_else(|| x.matmul(&w.t()?), Ok)?,
+            // The kernel reads bf16 for any row count: widening the weight for gemm would cost more.
+            Projection::Bf16(w) => cpu_rows(x, w)?.expect("bf16 weights are kept only on CPU"),
             Projection::Quantized(q) => q.forward(x)?,
         };
         match &self.bias {

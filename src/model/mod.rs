@@ -2,6 +2,7 @@
 pub mod code_predictor;
 pub mod config;
 pub mod engine;
+pub mod gemv;
 pub mod hub;
 pub mod linear;
 pub mod prompt;

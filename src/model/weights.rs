@@ -42,3 +42,15 @@ pub fn in_file<T>(file: &Path, r: candle_core::Result<T>) -> Result<T> {
         source,
     })
 }
+
+/// The dtype a tensor is stored in, read from the file's header.
+pub fn stored_dtype(file: &Path, name: &str) -> Result<DType> {
+    // SAFETY: as in `mmap`.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) };
+    let dtype = st.and_then(|st| Ok(st.get(name)?.dtype()));
+    match in_file(file, dtype)? {
+        safetensors::Dtype::BF16 => Ok(DType::BF16),
+        safetensors::Dtype::F16 => Ok(DType::F16),
+        _ => Ok(DType::F32),
+    }
+}

@@ -1,0 +1,93 @@
+//! The decode-step projection side by side, in one process: candle's matmul (gemm) on f32
+//! weights, koe's row kernel on the same f32 weights, and the row kernel on bf16 weights, for
+//! the talker's and code predictor's shapes at 1 and 10 rows.
+//!
+//! cargo bench --bench kernels
+
+use candle_core::{Device, Module, Tensor};
+use koe::model::gemv::matmul_wt;
+use std::time::Instant;
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
+fn main() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    // One full-size layer's projections: q, k, v, o, gate, up, down ([out, in]).
+    let shapes = [
+        (2048, 1024),
+        (1024, 1024),
+        (1024, 1024),
+        (1024, 2048),
+        (3072, 1024),
+        (3072, 1024),
+        (1024, 3072),
+    ];
+    // Enough distinct layers that the weights do not stay in cache between repetitions.
+    let layers = 24;
+    let weights: Vec<Vec<Tensor>> = (0..layers)
+        .map(|_| {
+            shapes
+                .iter()
+                .map(|&(o, i)| Tensor::randn(0f32, 0.03, (o, i), &dev))
+                .collect()
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let host_f32: Vec<Vec<Vec<f32>>> = weights
+        .iter()
+        .map(|l| l.iter().map(|w| w.flatten_all()?.to_vec1::<f32>()).collect())
+        .collect::<candle_core::Result<_>>()?;
+    let host_bf16: Vec<Vec<Vec<half::bf16>>> = host_f32
+        .iter()
+        .map(|l| {
+            l.iter()
+                .map(|w| w.iter().map(|&v| half::bf16::from_f32(v)).collect())
+                .collect()
+        })
+        .collect();
+    println!(
+        "| rows | candle matmul f32 | row kernel f32 | row kernel bf16 | gemm ÷ kernel f32 | gemm ÷ kernel bf16 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for rows in [1usize, 10] {
+        let xs: Vec<Tensor> = shapes
+            .iter()
+            .map(|&(_, i)| Tensor::randn(0f32, 1.0, (rows, i), &dev))
+            .collect::<candle_core::Result<_>>()?;
+        let xh: Vec<Vec<f32>> = xs.iter().map(|x| x.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        let gemm = time(3, || {
+            for l in &weights {
+                for (w, x) in l.iter().zip(&xs) {
+                    let lin = candle_nn::Linear::new(w.clone(), None);
+                    lin.forward(x).unwrap();
+                }
+            }
+        });
+        let f32k = time(3, || {
+            for l in &host_f32 {
+                for ((w, x), &(o, i)) in l.iter().zip(&xh).zip(&shapes) {
+                    matmul_wt(x, rows, i, w, o);
+                }
+            }
+        });
+        let bf16k = time(3, || {
+            for l in &host_bf16 {
+                for ((w, x), &(o, i)) in l.iter().zip(&xh).zip(&shapes) {
+                    matmul_wt(x, rows, i, w, o);
+                }
+            }
+        });
+        println!(
+            "| {rows} | {gemm:.1} ms | {f32k:.1} ms | {bf16k:.1} ms | {:.2}× | {:.2}× |",
+            gemm / f32k,
+            gemm / bf16k
+        );
+    }
+    Ok(())
+}
