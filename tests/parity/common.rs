@@ -109,21 +109,7 @@ impl Fixture {
 
     /// Like `compare`, against a given reference (e.g. a streaming decode vs `decoder.whole`).
     pub fn compare_to(&self, label: &str, ours: &Tensor, reference: &Tensor, tol: Tol) {
-        let ours = ours
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let reference = reference
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        self.compare_slices(label, &ours, &reference, tol);
+        self.compare_slices(label, &host_f32(ours), &host_f32(reference), tol);
     }
 
     pub fn compare_slices(&self, label: &str, ours: &[f32], reference: &[f32], tol: Tol) {
@@ -220,4 +206,14 @@ pub fn fixture_dirs() -> Vec<PathBuf> {
         dirs.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
     }
     dirs
+}
+
+/// A tensor's values as f32 on the host, flattened.
+pub fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
