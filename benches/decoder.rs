@@ -26,7 +26,9 @@ fn random_codes(frames: usize, q: usize, bins: usize) -> candle_core::Result<Ten
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let data: Vec<u32> = (0..frames * q)
         .map(|_| {
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             ((seed >> 33) % bins as u64) as u32
         })
         .collect();
@@ -68,10 +70,17 @@ fn main() -> anyhow::Result<()> {
     // Warm-up (page in the weights, size the allocator).
     decoder.decode(&codes.narrow(0, 0, frames.min(8))?)?;
 
-    println!("{frames} frames ({:.2} s of audio), median of {repeat}", frames as f64 / FRAME_RATE);
+    println!(
+        "{frames} frames ({:.2} s of audio), median of {repeat}",
+        frames as f64 / FRAME_RATE
+    );
     println!("| mode | ms/frame | RTF | candle ops ms/frame | speed-up |");
     println!("|---|---|---|---|---|");
-    let modes: [(&str, Option<usize>); 3] = [("whole", None), ("stream chunk 1", Some(1)), ("stream chunk 4", Some(4))];
+    let modes: [(&str, Option<usize>); 3] = [
+        ("whole", None),
+        ("stream chunk 1", Some(1)),
+        ("stream chunk 4", Some(4)),
+    ];
     for (label, chunk) in modes {
         let run = |d: &SpeechDecoder| -> koe::Result<f64> {
             let started = Instant::now();
@@ -91,7 +100,10 @@ fn main() -> anyhow::Result<()> {
         let secs = median(ours);
         let (old, ratio) = if compare {
             let old = median(theirs);
-            (format!("{:.2}", old * 1e3 / frames as f64), format!("{:.2}×", old / secs))
+            (
+                format!("{:.2}", old * 1e3 / frames as f64),
+                format!("{:.2}×", old / secs),
+            )
         } else {
             ("-".into(), "-".into())
         };
@@ -116,6 +128,10 @@ fn main() -> anyhow::Result<()> {
         last = at;
         println!("| {stage:?} | {:.1} | {:.1} % |", secs * 1e3, 100.0 * secs / total);
     }
-    println!("| total | {:.1} | RTF {:.3} |", total * 1e3, total / (frames as f64 / FRAME_RATE));
+    println!(
+        "| total | {:.1} | RTF {:.3} |",
+        total * 1e3,
+        total / (frames as f64 / FRAME_RATE)
+    );
     Ok(())
 }

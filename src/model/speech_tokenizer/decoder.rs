@@ -1255,7 +1255,9 @@ impl SpeechDecoder {
         let last = self.vocoder_blocks.len() + 1;
         let h = self.output_snake.forward_cpu(&h, t);
         report(Stage::Vocoder(last), &h, t)?;
-        let mut pcm = self.output_conv.step_cpu(&mut state.output_conv, &h, b, t, None, None)?;
+        let mut pcm = self
+            .output_conv
+            .step_cpu(&mut state.output_conv, &h, b, t, None, None)?;
         report(Stage::Vocoder(last + 1), &pcm, t)?;
         for v in &mut pcm {
             *v = v.clamp(-1.0, 1.0);
