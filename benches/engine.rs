@@ -20,10 +20,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("KOE_BENCH_MODEL is not set: nothing to measure (see the header of benches/engine.rs)");
         return Ok(());
     };
-    let frames: usize = std::env::var("KOE_BENCH_FRAMES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let frames: usize = std::env::var("KOE_BENCH_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     let clip_path = std::env::var_os("KOE_BENCH_REF_WAV")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("voices/default/reference.wav"));

@@ -109,10 +109,7 @@ fn run_once(synth: &Synthesizer, clip: &[f32], opts: &BenchOptions) -> Result<Ma
 
     if opts.batch > 1 {
         r.insert("batch".into(), json!(opts.batch));
-        r.insert(
-            "batch_frames_per_s".into(),
-            json!(batch_rate(synth, &voice, opts.frames, opts.batch)?),
-        );
+        r.insert("batch_frames_per_s".into(), json!(batch_rate(synth, &voice, opts.frames, opts.batch)?));
     }
     Ok(r)
 }
