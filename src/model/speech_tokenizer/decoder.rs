@@ -13,6 +13,7 @@
 //! [`CausalConvTranspose1d`] for why not candle's); the ConvNeXt depthwise conv as a sum over its
 //! 7 taps, because candle runs a grouped conv as one conv per group (1024 of them in the release).
 
+use super::kernels::{self, ConvTransposeWeights, ConvWeights};
 use super::streaming::{Carry, KvWindow};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
@@ -177,18 +178,90 @@ struct CausalConv1d {
     dilation: usize,
     in_channels: usize,
     context: usize,
+    /// The weights for [`kernels`], on CPU.
+    cpu: Option<ConvWeights>,
 }
 
 impl CausalConv1d {
     fn load(in_channels: usize, out_channels: usize, kernel: usize, dilation: usize, vb: VarBuilder) -> CResult<Self> {
         let vb = vb.pp("conv");
+        let weight = vb.get((out_channels, in_channels, kernel), "weight")?;
+        let bias = vb.get(out_channels, "bias")?;
+        let cpu = match weight.device() {
+            Device::Cpu => Some(ConvWeights::new(
+                &weight.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+                bias.to_dtype(DType::F32)?.to_vec1()?,
+                out_channels,
+                in_channels,
+                kernel,
+                dilation,
+            )),
+            _ => None,
+        };
         Ok(Self {
-            weight: vb.get((out_channels, in_channels, kernel), "weight")?,
-            bias: vb.get(out_channels, "bias")?.reshape((1, out_channels, 1))?,
+            weight,
+            bias: bias.reshape((1, out_channels, 1))?,
             dilation,
             in_channels,
             context: (kernel - 1) * dilation,
+            cpu,
         })
+    }
+
+    /// [`step`](Self::step) on CPU f32 rows: `xs` [B, in, t], optionally through `snake` first
+    /// (the carry then holds SnakeBeta outputs, as when the activation is a separate module),
+    /// plus `residual` [B, out, t] → [B, out, t].
+    fn step_cpu(
+        &self,
+        carry: &mut Carry,
+        xs: &[f32],
+        b: usize,
+        t: usize,
+        snake: Option<&SnakeBeta>,
+        residual: Option<&[f32]>,
+    ) -> CResult<Vec<f32>> {
+        let w = self
+            .cpu
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("CPU conv weights missing".into()))?;
+        let (ctx, c_in, c_out) = (w.context(), w.c_in, w.c_out);
+        let width = ctx + t;
+        let old_carry = carry.get().map(cpu_f32).transpose()?;
+        let mut out = vec![0f32; b * c_out * t];
+        let mut new_carry = vec![0f32; b * c_in * ctx];
+        let mut input = vec![0f32; c_in * width];
+        for row in 0..b {
+            let x = &xs[row * c_in * t..(row + 1) * c_in * t];
+            let res = residual.map(|r| &r[row * c_out * t..(row + 1) * c_out * t]);
+            let out_row = &mut out[row * c_out * t..(row + 1) * c_out * t];
+            if ctx == 0 && snake.is_none() {
+                w.forward(x, t, res, out_row);
+                continue;
+            }
+            if let Some(old) = &old_carry {
+                for (dst, src) in input.chunks_mut(width).zip(old[row * c_in * ctx..].chunks(ctx)) {
+                    dst[..ctx].copy_from_slice(src);
+                }
+            }
+            match snake {
+                Some(snake) => snake.apply(x, t, &mut input, width, ctx),
+                None => {
+                    for (dst, src) in input.chunks_mut(width).zip(x.chunks(t)) {
+                        dst[ctx..].copy_from_slice(src);
+                    }
+                }
+            }
+            w.forward(&input, t, res, out_row);
+            if ctx > 0 {
+                for (dst, src) in new_carry[row * c_in * ctx..].chunks_mut(ctx).zip(input.chunks(width)) {
+                    dst.copy_from_slice(&src[t..]);
+                }
+            }
+        }
+        if ctx > 0 {
+            carry.set(Tensor::from_vec(new_carry, (b, c_in, ctx), &Device::Cpu)?);
+        }
+        Ok(out)
     }
 
     fn fresh_carry(&self) -> CResult<Carry> {
@@ -263,6 +336,8 @@ struct CausalConvTranspose1d {
     stride: usize,
     /// Kernel length in strides (rounded up).
     pieces: usize,
+    /// The weights for [`kernels`], on CPU.
+    cpu: Option<ConvTransposeWeights>,
 }
 
 impl CausalConvTranspose1d {
@@ -273,13 +348,69 @@ impl CausalConvTranspose1d {
             .get((in_channels, out_channels, kernel), "weight")?
             .pad_with_zeros(2, 0, pieces * stride - kernel)?
             .reshape((in_channels, ()))?;
+        let bias = vb.get(out_channels, "bias")?;
+        let cpu = match weight.device() {
+            Device::Cpu => Some(ConvTransposeWeights {
+                weight: weight.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+                c_in: in_channels,
+                c_out: out_channels,
+                stride,
+                pieces,
+            }),
+            _ => None,
+        };
         Ok(Self {
             weight,
-            bias: vb.get(out_channels, "bias")?.reshape((1, out_channels, 1))?,
+            bias: bias.reshape((1, out_channels, 1))?,
             out_channels,
             stride,
             pieces,
+            cpu,
         })
+    }
+
+    /// [`step`](Self::step) on CPU f32 rows, optionally through `snake` first.
+    /// `xs` [B, in, n] → [B, out, n · stride].
+    fn step_cpu(
+        &self,
+        carry: &mut Carry,
+        xs: &[f32],
+        b: usize,
+        n: usize,
+        snake: Option<&SnakeBeta>,
+    ) -> CResult<Vec<f32>> {
+        let w = self
+            .cpu
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("CPU transposed conv weights missing".into()))?;
+        let (c_in, c_out, overlap, emitted) = (w.c_in, w.c_out, w.overlap(), n * w.stride);
+        let mut tail = match carry.get() {
+            Some(t) => cpu_f32(t)?,
+            None => Vec::new(),
+        };
+        let mut out = vec![0f32; b * c_out * emitted];
+        let mut activated = vec![0f32; if snake.is_some() { c_in * n } else { 0 }];
+        for row in 0..b {
+            let x = &xs[row * c_in * n..(row + 1) * c_in * n];
+            let x = match snake {
+                Some(snake) => {
+                    snake.apply(x, n, &mut activated, n, 0);
+                    &activated[..]
+                }
+                None => x,
+            };
+            w.forward(
+                x,
+                n,
+                &mut out[row * c_out * emitted..(row + 1) * c_out * emitted],
+                &mut tail[row * c_out * overlap..(row + 1) * c_out * overlap],
+            );
+        }
+        if overlap > 0 {
+            carry.set(Tensor::from_vec(tail, (b, c_out, overlap), &Device::Cpu)?);
+        }
+        Ok(out)
     }
 
     fn fresh_carry(&self) -> CResult<Carry> {
@@ -319,6 +450,9 @@ impl CausalConvTranspose1d {
 struct SnakeBeta {
     alpha: Tensor,
     inv_beta: Tensor,
+    /// `alpha`, `inv_beta` as vectors, for [`kernels::snake`].
+    alpha_cpu: Vec<f32>,
+    inv_beta_cpu: Vec<f32>,
 }
 
 impl SnakeBeta {
@@ -327,8 +461,33 @@ impl SnakeBeta {
         let inv_beta = (vb.get(channels, "beta")?.exp()? + 1e-9)?
             .recip()?
             .reshape((1, channels, 1))?;
-        Ok(Self { alpha, inv_beta })
+        Ok(Self {
+            alpha_cpu: alpha.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            inv_beta_cpu: inv_beta.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            alpha,
+            inv_beta,
+        })
     }
+
+    /// `x` [C, t] → columns `offset..offset + t` of `out`, whose rows are `stride` long.
+    fn apply(&self, x: &[f32], t: usize, out: &mut [f32], stride: usize, offset: usize) {
+        kernels::snake(x, t, &self.alpha_cpu, &self.inv_beta_cpu, out, stride, offset);
+    }
+
+    /// [`forward`](Module::forward) on CPU f32 rows [B, C, t].
+    fn forward_cpu(&self, xs: &[f32], t: usize) -> Vec<f32> {
+        let c = self.alpha_cpu.len();
+        let mut out = vec![0f32; xs.len()];
+        for (o, x) in out.chunks_mut(c * t).zip(xs.chunks(c * t)) {
+            self.apply(x, t, o, t, 0);
+        }
+        out
+    }
+}
+
+/// The f32 elements of a tensor in row-major order, on the host.
+fn cpu_f32(t: &Tensor) -> CResult<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
 }
 
 impl Module for SnakeBeta {
@@ -402,6 +561,13 @@ impl ResidualUnit {
         let h = self.conv2.step(c2, &self.act2.forward(&h)?)?;
         h + xs
     }
+
+    /// [`step`](Self::step) on CPU f32 rows [B, C, t].
+    fn step_cpu(&self, carries: &mut [Carry; 2], xs: &[f32], b: usize, t: usize) -> CResult<Vec<f32>> {
+        let [c1, c2] = carries;
+        let h = self.conv1.step_cpu(c1, xs, b, t, Some(&self.act1), None)?;
+        self.conv2.step_cpu(c2, &h, b, t, Some(&self.act2), Some(xs))
+    }
 }
 
 /// `Qwen3TTSTokenizerV2DecoderDecoderBlock`: SnakeBeta, transposed conv ×rate (kernel 2·rate),
@@ -441,6 +607,18 @@ impl VocoderBlock {
             h = unit.step(unit_carries, &h)?;
         }
         Ok(h)
+    }
+
+    /// [`step`](Self::step) on CPU f32 rows [B, C_in, t] → ([B, C_out, t · rate], t · rate).
+    fn step_cpu(&self, carries: &mut BlockCarries, xs: &[f32], b: usize, t: usize) -> CResult<(Vec<f32>, usize)> {
+        let mut h = self
+            .upsample
+            .step_cpu(&mut carries.upsample, xs, b, t, Some(&self.snake))?;
+        let t = t * self.upsample.stride;
+        for (unit, unit_carries) in self.units.iter().zip(&mut carries.units) {
+            h = unit.step_cpu(unit_carries, &h, b, t)?;
+        }
+        Ok((h, t))
     }
 }
 
@@ -828,6 +1006,8 @@ pub struct SpeechDecoder {
     output_conv: CausalConv1d,
     num_quantizers: usize,
     samples_per_frame: usize,
+    /// Run the vocoder through [`kernels`] (CPU only).
+    cpu_kernels: bool,
 }
 
 impl SpeechDecoder {
@@ -869,11 +1049,20 @@ impl SpeechDecoder {
             output_conv: CausalConv1d::load(output_dim, 1, 7, 1, vocoder.pp(blocks + 2))?,
             num_quantizers: cfg.num_quantizers,
             samples_per_frame: cfg.samples_per_frame(),
+            cpu_kernels: vb.device().is_cpu(),
         })
     }
 
     pub fn samples_per_frame(&self) -> usize {
         self.samples_per_frame
+    }
+
+    /// Whether the vocoder runs through the fused CPU kernels (the default on CPU) or through
+    /// candle tensor ops (the only way on other devices); for benchmarks and checks of one
+    /// against the other. Has no effect off the CPU.
+    #[doc(hidden)]
+    pub fn set_cpu_kernels(&mut self, on: bool) {
+        self.cpu_kernels = on && self.output_conv.cpu.is_some();
     }
 
     /// The state of an utterance before its first frame.
@@ -1025,6 +1214,9 @@ impl SpeechDecoder {
             hidden = convnext.step(context, &upsample.step(tail, &hidden)?)?;
             observe(Stage::Upsample(i), &hidden);
         }
+        if self.cpu_kernels {
+            return self.vocoder_cpu(state, &hidden, observe);
+        }
         hidden = self.vocoder_input.step(&mut state.vocoder_input, &hidden)?;
         observe(Stage::Vocoder(0), &hidden);
         for (i, (block, carries)) in self.vocoder_blocks.iter().zip(&mut state.vocoder_blocks).enumerate() {
@@ -1037,6 +1229,40 @@ impl SpeechDecoder {
         hidden = self.output_conv.step(&mut state.output_conv, &hidden)?;
         observe(Stage::Vocoder(last + 1), &hidden);
         hidden.clamp(-1f32, 1f32)?.reshape((b, n * self.samples_per_frame))
+    }
+
+    /// The vocoder of [`step_rows`](Self::step_rows) through [`kernels`]: `hidden` [B, latent, t].
+    fn vocoder_cpu(
+        &self,
+        state: &mut DecoderState,
+        hidden: &Tensor,
+        observe: &mut dyn FnMut(Stage, &Tensor),
+    ) -> CResult<Tensor> {
+        let (b, _, mut t) = hidden.dims3()?;
+        let mut report = |stage: Stage, data: &[f32], t: usize| -> CResult<()> {
+            let c = data.len() / (b * t).max(1);
+            observe(stage, &Tensor::from_slice(data, (b, c, t), &Device::Cpu)?);
+            Ok(())
+        };
+        let mut h = self
+            .vocoder_input
+            .step_cpu(&mut state.vocoder_input, &cpu_f32(hidden)?, b, t, None, None)?;
+        report(Stage::Vocoder(0), &h, t)?;
+        for (i, (block, carries)) in self.vocoder_blocks.iter().zip(&mut state.vocoder_blocks).enumerate() {
+            (h, t) = block.step_cpu(carries, &h, b, t)?;
+            report(Stage::Vocoder(i + 1), &h, t)?;
+        }
+        let last = self.vocoder_blocks.len() + 1;
+        let h = self.output_snake.forward_cpu(&h, t);
+        report(Stage::Vocoder(last), &h, t)?;
+        let mut pcm = self
+            .output_conv
+            .step_cpu(&mut state.output_conv, &h, b, t, None, None)?;
+        report(Stage::Vocoder(last + 1), &pcm, t)?;
+        for v in &mut pcm {
+            *v = v.clamp(-1.0, 1.0);
+        }
+        Tensor::from_vec(pcm, (b, t), &Device::Cpu)
     }
 }
 

@@ -2,4 +2,5 @@
 //! (decoder, exact streaming).
 pub mod decoder;
 pub mod encoder;
+mod kernels;
 pub(crate) mod streaming;

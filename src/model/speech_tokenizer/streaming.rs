@@ -54,6 +54,16 @@ impl Carry {
         ys.narrow(D::Minus1, 0, total - overlap)
     }
 
+    /// The carried samples, [B, C, len] (`None` when the layer carries nothing).
+    pub fn get(&self) -> Option<&Tensor> {
+        self.0.as_ref()
+    }
+
+    /// Replaces the carried samples (same shape).
+    pub fn set(&mut self, carried: Tensor) {
+        self.0 = Some(carried);
+    }
+
     /// The carries of several states as one batch (rows in order).
     pub fn stack(carries: &[&Carry]) -> Result<Self> {
         let rows: Option<Vec<&Tensor>> = carries.iter().map(|c| c.0.as_ref()).collect();

@@ -1,0 +1,301 @@
+//! CPU f32 kernels of the decoder's vocoder, on plain row-major `[C, T]` slices: fused SnakeBeta,
+//! causal conv as per-tap gemms straight over the padded input (no im2col, no transposes), and
+//! the transposed conv as one gemm plus an overlap-add. Work is split over the rayon pool by
+//! time tiles (and output-channel blocks when a step is short), each tile a single-threaded gemm.
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+/// Output columns per conv task: a tile of every output channel stays in L2.
+const TIME_TILE: usize = 256;
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(T);
+// SAFETY: tasks write disjoint regions of one buffer and only read shared inputs.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T: Copy> SendPtr<T> {
+    /// A method (not a field read) so closures capture the whole `Sync` wrapper.
+    fn get(&self) -> T {
+        self.0
+    }
+}
+
+/// sin²(x), ≈1 ulp: sin² has period π, so x is reduced by the nearest multiple of π (three-part
+/// Cody–Waite with 12-bit parts, exact for |x| < 4096·π) into [−π/2, π/2] and a degree-11 odd polynomial does the rest.
+/// Written branch-free so the row loops vectorize.
+#[inline(always)]
+fn sin_sq(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer.
+    const INV_PI: f32 = std::f32::consts::FRAC_1_PI;
+    const PI_A: f32 = 3.140_625;
+    const PI_B: f32 = 9.675_025_939_941_406e-4;
+    const PI_C: f32 = 1.509_906_724_095_344_5e-7;
+    const PI_D: f32 = 5.126_688_136_514_179e-12;
+    let q = (x * INV_PI + MAGIC) - MAGIC;
+    let r = x - q * PI_A;
+    let r = r - q * PI_B;
+    let r = r - q * PI_C;
+    let r = r - q * PI_D;
+    let r2 = r * r;
+    // Taylor to r¹¹: the error is below r¹³/13! ≤ 6e-8 on [−π/2, π/2].
+    let p = 2.505_210_8e-8f32;
+    let p = p * r2 - 2.755_731_9e-6;
+    let p = p * r2 + 1.984_127e-4;
+    let p = p * r2 - 8.333_333e-3;
+    let p = p * r2 + 1.666_666_7e-1;
+    let s = r - r * r2 * p;
+    s * s
+}
+
+/// `out[t] = x[t] + inv_beta · sin²(alpha · x[t])`
+#[inline(always)]
+fn snake_row_generic(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v + inv_beta * sin_sq(alpha * v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn snake_row_avx512(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
+    snake_row_generic(x, out, alpha, inv_beta)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn snake_row_avx2(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
+    snake_row_generic(x, out, alpha, inv_beta)
+}
+
+fn snake_row(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            return unsafe { snake_row_avx512(x, out, alpha, inv_beta) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature was just detected.
+            return unsafe { snake_row_avx2(x, out, alpha, inv_beta) };
+        }
+    }
+    snake_row_generic(x, out, alpha, inv_beta)
+}
+
+/// SnakeBeta of `x` [C, t] into `out`, whose rows are `out_stride` long with the result in
+/// columns `out_offset..out_offset + t` (so it can land right after a carried context).
+pub fn snake(
+    x: &[f32],
+    t: usize,
+    alpha: &[f32],
+    inv_beta: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+    out_offset: usize,
+) {
+    if t == 0 {
+        return;
+    }
+    out.par_chunks_mut(out_stride)
+        .zip(x.par_chunks(t))
+        .zip(alpha.par_iter().zip(inv_beta))
+        .with_min_len(8)
+        .for_each(|((o, x), (&a, &ib))| snake_row(x, &mut o[out_offset..out_offset + t], a, ib));
+}
+
+/// A causal conv's weights, one [c_out, c_in] matrix per tap.
+#[derive(Clone, Debug)]
+pub struct ConvWeights {
+    /// [kernel][c_out][c_in]
+    pub taps: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub dilation: usize,
+}
+
+impl ConvWeights {
+    /// From a conv1d weight [c_out, c_in, kernel] (row-major) and its bias.
+    pub fn new(weight: &[f32], bias: Vec<f32>, c_out: usize, c_in: usize, kernel: usize, dilation: usize) -> Self {
+        let mut taps = vec![0f32; weight.len()];
+        for o in 0..c_out {
+            for i in 0..c_in {
+                for k in 0..kernel {
+                    taps[(k * c_out + o) * c_in + i] = weight[(o * c_in + i) * kernel + k];
+                }
+            }
+        }
+        Self {
+            taps,
+            bias,
+            c_in,
+            c_out,
+            kernel,
+            dilation,
+        }
+    }
+
+    /// Left context the conv reads.
+    pub fn context(&self) -> usize {
+        (self.kernel - 1) * self.dilation
+    }
+
+    /// `out` [c_out, t] = bias (+ `residual` [c_out, t]) + conv of `input` [c_in, context + t]
+    /// (the carried context, then the new samples).
+    pub fn forward(&self, input: &[f32], t: usize, residual: Option<&[f32]>, out: &mut [f32]) {
+        let width = self.context() + t;
+        debug_assert_eq!(input.len(), self.c_in * width);
+        debug_assert_eq!(out.len(), self.c_out * t);
+        if t == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let time_tiles = t.div_ceil(TIME_TILE);
+        // Short steps: split the output channels too, so every thread has work.
+        let row_blocks = if time_tiles >= 2 * threads {
+            1
+        } else {
+            (2 * threads).div_ceil(time_tiles).min(self.c_out.div_ceil(16)).max(1)
+        };
+        let rows_per_block = self.c_out.div_ceil(row_blocks);
+        let tile = t.div_ceil(time_tiles);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..row_blocks * time_tiles).into_par_iter().for_each(|task| {
+            let (rb, tt) = (task / time_tiles, task % time_tiles);
+            let r0 = rb * rows_per_block;
+            let rows = rows_per_block.min(self.c_out.saturating_sub(r0));
+            let t0 = tt * tile;
+            let cols = tile.min(t - t0);
+            if rows == 0 || cols == 0 {
+                return;
+            }
+            let out = out_ptr.get();
+            // SAFETY: task (rb, tt) alone writes rows r0.., columns t0.. of `out`.
+            unsafe {
+                for r in r0..r0 + rows {
+                    let dst = std::slice::from_raw_parts_mut(out.add(r * t + t0), cols);
+                    match residual {
+                        Some(res) => {
+                            for (d, &x) in dst.iter_mut().zip(&res[r * t + t0..r * t + t0 + cols]) {
+                                *d = x + self.bias[r];
+                            }
+                        }
+                        None => dst.fill(self.bias[r]),
+                    }
+                }
+                for k in 0..self.kernel {
+                    // dst[time, c_out] += input[c_in, time + k·d]ᵀ · tap_k[c_out, c_in]ᵀ
+                    gemm(
+                        cols,
+                        rows,
+                        self.c_in,
+                        out.add(r0 * t + t0),
+                        t as isize,
+                        1,
+                        true,
+                        input.as_ptr().add(t0 + k * self.dilation),
+                        width as isize,
+                        1,
+                        self.taps.as_ptr().add((k * self.c_out + r0) * self.c_in),
+                        self.c_in as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+    }
+}
+
+/// A transposed conv's weights, [c_in, c_out · pieces · stride] (the kernel zero-padded to a
+/// whole number of strides).
+#[derive(Clone, Debug)]
+pub struct ConvTransposeWeights {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub stride: usize,
+    pub pieces: usize,
+}
+
+impl ConvTransposeWeights {
+    /// Samples each output channel carries to the next step.
+    pub fn overlap(&self) -> usize {
+        (self.pieces - 1) * self.stride
+    }
+
+    /// `x` [c_in, n] → `out` [c_out, n · stride] (with bias), `tail` [c_out, overlap] the carried
+    /// overlap on entry (no bias) and the new one on return.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], tail: &mut [f32]) {
+        let span = self.pieces * self.stride;
+        let row = self.c_out * span;
+        let overlap = self.overlap();
+        let emitted = n * self.stride;
+        debug_assert_eq!(out.len(), self.c_out * emitted);
+        debug_assert_eq!(tail.len(), self.c_out * overlap);
+        // cols[t, (c_out, span)] = x[c_in, t]ᵀ · weight
+        let mut cols = vec![0f32; n * row];
+        if n > 0 {
+            let threads = rayon::current_num_threads();
+            let parallelism = if threads > 1 {
+                Parallelism::Rayon(threads)
+            } else {
+                Parallelism::None
+            };
+            // SAFETY: the strides describe `x` [c_in, n], `weight` [c_in, row], `cols` [n, row].
+            unsafe {
+                gemm(
+                    n,
+                    row,
+                    self.c_in,
+                    cols.as_mut_ptr(),
+                    1,
+                    row as isize,
+                    false,
+                    x.as_ptr(),
+                    n as isize,
+                    1,
+                    self.weight.as_ptr(),
+                    1,
+                    row as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        }
+        let tail_ptr = SendPtr(tail.as_mut_ptr());
+        out.par_chunks_mut(emitted.max(1))
+            .enumerate()
+            .with_min_len(4)
+            .for_each(|(c, out_row)| {
+                // SAFETY: row c of the tail belongs to this task alone.
+                let tail_row = unsafe { std::slice::from_raw_parts_mut(tail_ptr.get().add(c * overlap), overlap) };
+                let mut acc = vec![0f32; emitted + overlap];
+                acc[..overlap].copy_from_slice(&tail_row[..overlap]);
+                for t in 0..n {
+                    let piece = &cols[t * row + c * span..t * row + (c + 1) * span];
+                    for (a, &v) in acc[t * self.stride..t * self.stride + span].iter_mut().zip(piece) {
+                        *a += v;
+                    }
+                }
+                let bias = self.bias[c];
+                for (o, &a) in out_row[..emitted].iter_mut().zip(&acc) {
+                    *o = a + bias;
+                }
+                tail_row[..overlap].copy_from_slice(&acc[emitted..]);
+            });
+    }
+}
