@@ -26,6 +26,7 @@ impl<T: Copy> SendPtr<T> {
 /// Cody–Waite with 12-bit parts, exact for |x| < 4096·π) into [−π/2, π/2] and a degree-11 odd polynomial does the rest.
 /// Written branch-free so the row loops vectorize.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // the parts of π are spelled with the digits that name them exactly
 fn sin_sq(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer.
     const INV_PI: f32 = std::f32::consts::FRAC_1_PI;
