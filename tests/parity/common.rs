@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 /// Tolerance classes of `../shared/parity/README.md` ("How a Rust test should compare").
 #[derive(Clone, Copy, Debug)]
-#[allow(dead_code)] // the audio stages' classes; used as those checks land
 pub enum Tol {
     /// `spk.mels`: log domain near the 1e-5 clamp.
     Mel,
