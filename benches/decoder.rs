@@ -114,24 +114,54 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    // Stage times of one whole step (the observer runs after each stage).
-    let mut state = decoder.new_state()?;
-    let mut marks: Vec<(Stage, Instant)> = Vec::new();
-    let started = Instant::now();
-    decoder.step_observed(&mut state, &codes, &mut |stage, _| marks.push((stage, Instant::now())))?;
-    let total = started.elapsed().as_secs_f64();
-    println!("\n| stage | ms | share |");
-    println!("|---|---|---|");
-    let mut last = started;
-    for (stage, at) in marks {
-        let secs = at.duration_since(last).as_secs_f64();
-        last = at;
-        println!("| {stage:?} | {:.1} | {:.1} % |", secs * 1e3, 100.0 * secs / total);
+    // Stage times (the observer runs after each stage; its copy of the stage output is
+    // included): one whole step, and the sum over one-frame steps.
+    let whole = stage_times(&decoder, &codes, frames)?;
+    let streamed = stage_times(&decoder, &codes, 1)?;
+    println!("\n| stage | whole ms/frame | share | stream chunk 1 ms/frame | share | stream ÷ whole |");
+    println!("|---|---|---|---|---|---|");
+    let (total_w, total_s): (f64, f64) = (whole.iter().map(|s| s.1).sum(), streamed.iter().map(|s| s.1).sum());
+    for ((stage, w), (_, st)) in whole.iter().zip(&streamed) {
+        println!(
+            "| {stage:?} | {:.2} | {:.1} % | {:.2} | {:.1} % | {:.2} |",
+            w * 1e3 / frames as f64,
+            100.0 * w / total_w,
+            st * 1e3 / frames as f64,
+            100.0 * st / total_s,
+            st / w
+        );
     }
     println!(
-        "| total | {:.1} | RTF {:.3} |",
-        total * 1e3,
-        total / (frames as f64 / FRAME_RATE)
+        "| total | {:.2} | RTF {:.3} | {:.2} | RTF {:.3} | {:.2} |",
+        total_w * 1e3 / frames as f64,
+        total_w / (frames as f64 / FRAME_RATE),
+        total_s * 1e3 / frames as f64,
+        total_s / (frames as f64 / FRAME_RATE),
+        total_s / total_w
     );
     Ok(())
+}
+
+/// Seconds per stage over a decode of `codes` in steps of `chunk` frames.
+fn stage_times(decoder: &SpeechDecoder, codes: &Tensor, chunk: usize) -> koe::Result<Vec<(Stage, f64)>> {
+    let frames = codes.dim(0)?;
+    let mut state = decoder.new_state()?;
+    let mut totals: Vec<(Stage, f64)> = Vec::new();
+    let mut at = 0;
+    while at < frames {
+        let n = chunk.min(frames - at);
+        let mut last = Instant::now();
+        let mut i = 0;
+        decoder.step_observed(&mut state, &codes.narrow(0, at, n)?, &mut |stage, _| {
+            let now = Instant::now();
+            if totals.len() <= i {
+                totals.push((stage, 0.0));
+            }
+            totals[i].1 += now.duration_since(last).as_secs_f64();
+            last = now;
+            i += 1;
+        })?;
+        at += n;
+    }
+    Ok(totals)
 }
