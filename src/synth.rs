@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::engine::{EndReason, GenerationParams, Sequence, StepInput, StepOutcome};
 use crate::model::linear::WeightFormat;
 use crate::model::prompt::{self, IclReference, TextMode, VoicePrompt};
-use crate::model::speaker_encoder::{speaker_embedding, SpeakerEncoder, SpeakerEncoderConfig};
+use crate::model::speaker_encoder::{speaker_embedding, SpeakerEncoder};
 use crate::model::speech_tokenizer::decoder::{DecoderConfig as CodecDecoderConfig, DecoderState, SpeechDecoder};
 use crate::model::speech_tokenizer::encoder::{SpeechEncoder, SpeechTokenizerConfig};
 use crate::model::tokenizer::{assistant_text, ref_text};
@@ -66,7 +66,7 @@ impl Synthesizer {
     pub fn load(dir: &Path, device: &Device, format: WeightFormat) -> Result<Self> {
         let tts = TtsModel::load(dir, device, format)?;
         let main_file = dir.join("model.safetensors");
-        let spk_cfg = SpeakerEncoderConfig::from_model_config(&dir.join("config.json"))?;
+        let spk_cfg = tts.config.speaker_encoder();
         let vb = weights::mmap(&main_file, DType::F32, device)?;
         let speaker_encoder = weights::in_file(&main_file, SpeakerEncoder::load(vb, &spk_cfg))?;
 

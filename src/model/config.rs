@@ -4,6 +4,7 @@
 //! (`core/models/configuration_qwen3_tts.py`), so a sparse published config loads as the
 //! package would load it.
 
+use super::speaker_encoder::SpeakerEncoderConfig;
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -70,9 +71,9 @@ defaults! {
 pub struct Qwen3TtsConfig {
     #[serde(default)]
     pub talker_config: TalkerConfig,
-    /// Kept raw here: the speaker encoder parses its own section with its own defaults.
+    /// Absent or null means every default, as in `Qwen3TTSConfig`.
     #[serde(default)]
-    pub speaker_encoder_config: serde_json::Value,
+    pub speaker_encoder_config: Option<SpeakerEncoderConfig>,
     #[serde(default)]
     pub tts_model_type: Option<String>,
     #[serde(default = "im_start_default")]
@@ -190,6 +191,10 @@ impl Default for CodePredictorConfig {
 }
 
 impl Qwen3TtsConfig {
+    pub fn speaker_encoder(&self) -> SpeakerEncoderConfig {
+        self.speaker_encoder_config.clone().unwrap_or_default()
+    }
+
     /// Loads `config.json` and checks the facts the port relies on.
     pub fn load(file: &Path) -> Result<Self> {
         let cfg: Self = read_json(file)?;

@@ -7,11 +7,10 @@
 //! without padding.
 
 use crate::audio::mel::{MelParams, MelSpectrogram};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use candle_core::{bail, DType, Device, Module, Tensor, D};
 use candle_nn::{Conv1d, Conv1dConfig, VarBuilder};
 use serde::Deserialize;
-use std::path::Path;
 
 /// `Qwen3TTSSpeakerEncoderConfig`; absent fields take the class's code defaults (the release's
 /// config.json writes only `enc_dim` and `sample_rate`).
@@ -47,26 +46,6 @@ impl Default for SpeakerEncoderConfig {
 }
 
 impl SpeakerEncoderConfig {
-    /// The `speaker_encoder_config` of a model's config.json (all defaults when absent, as in
-    /// `Qwen3TTSConfig`).
-    pub fn from_model_config(file: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
-            path: file.to_path_buf(),
-            source,
-        })?;
-        let config_error = |msg: String| Error::Config {
-            file: file.to_path_buf(),
-            msg,
-        };
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
-        match json.get("speaker_encoder_config") {
-            None | Some(serde_json::Value::Null) => Ok(Self::default()),
-            Some(section) => {
-                Self::deserialize(section).map_err(|e| config_error(format!("speaker_encoder_config: {e}")))
-            }
-        }
-    }
-
     /// The mel front end of `extract_speaker_embedding`. The package fixes n_fft 1024, hop and
     /// window 256/1024, 128 mels and 0–12 kHz at the call site and asserts a 24 kHz input; the
     /// mel count and rate are taken from here, which equal those wherever the package runs.

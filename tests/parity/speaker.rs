@@ -3,12 +3,15 @@
 
 use super::common::{Fixture, Tol};
 use candle_core::{DType, Device, Tensor};
-use koe::model::speaker_encoder::{SpeakerEncoder, SpeakerEncoderConfig, SpeakerStages};
+use koe::model::config::Qwen3TtsConfig;
+use koe::model::speaker_encoder::{SpeakerEncoder, SpeakerStages};
 use koe::model::weights;
 
 pub fn check(fx: &Fixture) {
     let checkpoint = fx.checkpoint();
-    let cfg = SpeakerEncoderConfig::from_model_config(&checkpoint.join("config.json")).expect("speaker encoder config");
+    let cfg = Qwen3TtsConfig::load(&checkpoint.join("config.json"))
+        .expect("config.json")
+        .speaker_encoder();
     let file = checkpoint.join("model.safetensors");
     let vb = weights::mmap(&file, DType::F32, &Device::Cpu).expect("checkpoint weights");
     let encoder = weights::in_file(&file, SpeakerEncoder::load(vb, &cfg)).expect("speaker encoder");
