@@ -9,10 +9,14 @@
 //! split across threads. bf16 weights (the release's storage) are widened in registers: the
 //! products are exactly those of the f32-upcast weights, at half the memory traffic.
 
+use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 /// Rows of `x` the kernel takes; more rows go to the general matmul, where gemm is efficient.
 pub const MAX_ROWS: usize = 16;
+
+/// Weight floats widened per task of [`matmul_wt_widened`]: 256 KiB, within L2.
+const WIDENED_TILE_FLOATS: usize = 64 * 1024;
 
 /// Output rows (weight rows) per parallel task.
 const ROWS_PER_TASK: usize = 32;
@@ -38,15 +42,20 @@ impl WeightElem for half::bf16 {
 pub fn matmul_wt<W: WeightElem + avx2::Load>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
-    // yt[j·m + i] = dot(x_i, w_j): each task owns whole weight rows.
+    by_weight_rows(m, n, |j, y| dot_rows(x, k, &w[j * k..(j + 1) * k], y))
+}
+
+/// `[m, n]` row-major from `dot(j, y)`, which writes weight row `j`'s products with all `m`
+/// input rows into `y`. Tasks own whole blocks of weight rows, so a weight row is streamed
+/// from memory once whatever `m` is.
+pub(crate) fn by_weight_rows(m: usize, n: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    // yt[j·m + i] = dot(x_i, w_j)
     let mut yt = vec![0f32; n * m];
     yt.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
         .for_each(|(task, out)| {
-            let j0 = task * ROWS_PER_TASK;
             for (jj, y) in out.chunks_mut(m).enumerate() {
-                let row = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
-                dot_rows(x, k, row, y);
+                dot(task * ROWS_PER_TASK + jj, y);
             }
         });
     if m == 1 {
@@ -59,6 +68,63 @@ pub fn matmul_wt<W: WeightElem + avx2::Load>(x: &[f32], m: usize, k: usize, w: &
         }
     }
     y
+}
+
+/// `x Wᵀ` for many rows (a prefill) against a weight kept in a narrower type: the weight is
+/// widened to f32 a tile of rows at a time, each tile multiplied by all of `x` with gemm while it
+/// sits in L2. Widening the whole weight first would cost a full f32 copy per call, and the
+/// row kernel is compute-bound here (it reloads `x` for every weight row).
+pub fn matmul_wt_widened<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    let tile_rows = (WIDENED_TILE_FLOATS / k).clamp(1, n);
+    let mut y = vec![0f32; m * n];
+    let out = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(tile_rows)).into_par_iter().for_each(|tile| {
+        let j0 = tile * tile_rows;
+        let rows = tile_rows.min(n - j0);
+        let widened: Vec<f32> = w[j0 * k..(j0 + rows) * k].iter().map(|v| v.to_f32()).collect();
+        // SAFETY: `y` is [m, n] row-major and this task writes only its columns j0..j0+rows;
+        // `x` is [m, k] and `widened` [rows, k], read as its transpose [k, rows].
+        unsafe {
+            gemm(
+                m,
+                rows,
+                k,
+                out.get().add(j0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                widened.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
+    y
+}
+
+/// A raw pointer shared by parallel tasks that write disjoint regions of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) T);
+// SAFETY: users write disjoint regions and only read shared inputs.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T: Copy> SendPtr<T> {
+    /// A method (not a field read) so closures capture the whole `Sync` wrapper.
+    pub(crate) fn get(&self) -> T {
+        self.0
+    }
 }
 
 /// `y[i] = dot(x_i, row)` for every row `x_i` of `x` ([m, k]).
@@ -154,9 +220,9 @@ mod tests {
 
     #[test]
     fn matches_a_plain_product() {
-        // Sizes that exercise the 16-wide loop, its remainder, row groups of 4/3/2/1 and a
-        // partial last task.
-        for (m, k, n) in [(1, 1024, 70), (3, 37, 5), (7, 160, 33), (16, 48, 65)] {
+        // Sizes that exercise the 16-wide loop, its remainder, row groups of 4/3/2/1, a partial
+        // last task, and (widened gemm) several tiles with a partial last one.
+        for (m, k, n) in [(1, 1024, 70), (3, 37, 5), (7, 160, 33), (16, 48, 65), (40, 1000, 131)] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
             let y = matmul_wt(&x, m, k, &w, n);
@@ -164,6 +230,7 @@ mod tests {
             let yb = matmul_wt(&x, m, k, &wb, n);
             let yw: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
             assert_eq!(yb, matmul_wt(&x, m, k, &yw, n), "bf16 weights = their f32 widening");
+            let yg = matmul_wt_widened(&x, m, k, &wb, n);
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
@@ -171,6 +238,11 @@ mod tests {
                     assert!(
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                         "m{m} k{k} n{n} [{i},{j}]: {got} vs {want}"
+                    );
+                    let (kernel, widened) = (yb[i * n + j] as f64, yg[i * n + j] as f64);
+                    assert!(
+                        (kernel - widened).abs() <= 1e-4 * (1.0 + kernel.abs()),
+                        "widened gemm m{m} k{k} n{n} [{i},{j}]: {widened} vs {kernel}"
                     );
                 }
             }

@@ -1,9 +1,10 @@
 //! Weight projections: dense (the parity mode) or quantized at load (`--dtype q8_0|q4_k`).
 
-use super::gemv;
+use super::{gemv, q8};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 
 /// How the talker's and code predictor's linear weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,6 +43,8 @@ enum Projection {
     Dense(Tensor),
     /// [out, in] bf16 on CPU.
     Bf16(Tensor),
+    /// Q8_0 on a CPU with AVX-512 VNNI: koe's kernel, which shares weight loads across rows.
+    Q8(Arc<q8::Q8Weight>),
     Quantized(QMatMul),
 }
 
@@ -57,6 +60,12 @@ impl Linear {
         }
         let w = vb.get((out_dim, in_dim), "weight")?;
         let weight = match format {
+            WeightFormat::Quantized(GgmlDType::Q8_0)
+                if in_dim.is_multiple_of(q8::BLOCK) && w.device().is_cpu() && q8::available() =>
+            {
+                let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Projection::Q8(Arc::new(q8::Q8Weight::quantize(&values, out_dim, in_dim)))
+            }
             // A row narrower than the format's block cannot be quantized: keep it dense.
             WeightFormat::Quantized(q) if in_dim.is_multiple_of(q.block_size()) => {
                 Projection::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, q)?)?)
@@ -68,12 +77,13 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Projection::Quantized(_))
+        matches!(self.weight, Projection::Quantized(_) | Projection::Q8(_))
     }
 }
 
-/// `x Wᵀ` with the CPU row kernel for f32 activations and a contiguous CPU weight ([n, k],
-/// f32 or bf16); `None` when it does not apply.
+/// `x Wᵀ` on CPU for f32 activations and a contiguous weight ([n, k], f32 or bf16): the row
+/// kernel for a few rows, and for many rows of a bf16 weight gemm over widened tiles; `None`
+/// when it does not apply.
 fn cpu_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
@@ -88,9 +98,11 @@ fn cpu_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     };
     let xv = &xs.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + m * k];
     let (start, end) = (wl.start_offset(), wl.start_offset() + n * k);
+    let few = m <= gemv::MAX_ROWS;
     let y = match w.dtype() {
         DType::F32 => gemv::matmul_wt(xv, m, k, &ws.as_slice::<f32>()?[start..end], n),
-        DType::BF16 => gemv::matmul_wt(xv, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
+        DType::BF16 if few => gemv::matmul_wt(xv, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
+        DType::BF16 => gemv::matmul_wt_widened(xv, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
         _ => return Ok(None),
     };
     Ok(Some(Tensor::from_vec(y, (m, n), &Device::Cpu)?))
@@ -105,8 +117,12 @@ impl Module for Linear {
                 false => None,
             }
             .map_or_else(|| x.matmul(&w.t()?), Ok)?,
-            // The kernel reads bf16 for any row count: widening the weight for gemm would cost more.
             Projection::Bf16(w) => cpu_rows(x, w)?.expect("bf16 weights are kept only on CPU"),
+            Projection::Q8(q) => {
+                let m = x.dim(0)?;
+                let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(q.matmul_wt(&x, m), (m, q.out_dim()), &Device::Cpu)?
+            }
             Projection::Quantized(q) => q.forward(x)?,
         };
         match &self.bias {
