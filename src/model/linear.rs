@@ -1,10 +1,9 @@
 //! Weight projections: dense (the parity mode) or quantized at load (`--dtype q8_0|q4_k`).
 
-use super::{gemv, q8};
+use super::gemv;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
-use std::sync::Arc;
 
 /// How the talker's and code predictor's linear weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,8 +42,6 @@ enum Projection {
     Dense(Tensor),
     /// [out, in] bf16 on CPU.
     Bf16(Tensor),
-    /// Q8_0 on a CPU with AVX-512 VNNI: koe's kernel, which shares weight loads across rows.
-    Q8(Arc<q8::Q8Weight>),
     Quantized(QMatMul),
 }
 
@@ -60,12 +57,6 @@ impl Linear {
         }
         let w = vb.get((out_dim, in_dim), "weight")?;
         let weight = match format {
-            WeightFormat::Quantized(GgmlDType::Q8_0)
-                if in_dim.is_multiple_of(q8::BLOCK) && w.device().is_cpu() && q8::available() =>
-            {
-                let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Projection::Q8(Arc::new(q8::Q8Weight::quantize(&values, out_dim, in_dim)))
-            }
             // A row narrower than the format's block cannot be quantized: keep it dense.
             WeightFormat::Quantized(q) if in_dim.is_multiple_of(q.block_size()) => {
                 Projection::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, q)?)?)
@@ -77,7 +68,7 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Projection::Quantized(_) | Projection::Q8(_))
+        matches!(self.weight, Projection::Quantized(_))
     }
 }
 
@@ -118,11 +109,6 @@ impl Module for Linear {
             }
             .map_or_else(|| x.matmul(&w.t()?), Ok)?,
             Projection::Bf16(w) => cpu_rows(x, w)?.expect("bf16 weights are kept only on CPU"),
-            Projection::Q8(q) => {
-                let m = x.dim(0)?;
-                let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(q.matmul_wt(&x, m), (m, q.out_dim()), &Device::Cpu)?
-            }
             Projection::Quantized(q) => q.forward(x)?,
         };
         match &self.bias {
