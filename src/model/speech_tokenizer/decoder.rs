@@ -17,8 +17,8 @@ use super::kernels::{self, ConvTransposeWeights, ConvWeights};
 use super::streaming::{Carry, KvWindow};
 use crate::error::{Error, Result};
 use crate::model::gemv;
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use crate::model::linear::{Linear, WeightFormat};
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{Activation, LayerNorm, LayerNormConfig, RmsNorm, VarBuilder};
 use serde::Deserialize;
 use std::path::Path;
@@ -276,7 +276,12 @@ impl CausalConv1d {
             let mut input = vec![0f32; c_in * width];
             for (row, out) in out.chunks_mut(c_out * t).enumerate() {
                 fill(row, &mut input);
-                w.forward(&input, t, residual.map(|r| &r[row * c_out * t..(row + 1) * c_out * t]), out);
+                w.forward(
+                    &input,
+                    t,
+                    residual.map(|r| &r[row * c_out * t..(row + 1) * c_out * t]),
+                    out,
+                );
             }
         }
         if ctx > 0 {
@@ -1337,6 +1342,45 @@ impl SpeechDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The candle-ops path (the only one off the CPU) and the CPU kernels agree, whole and in
+    /// a batch of one-frame steps (the row kernels).
+    #[test]
+    fn candle_ops_match_cpu_kernels() -> Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0/checkpoint/speech_tokenizer");
+        let cfg = DecoderConfig::load(&dir.join("config.json"))?;
+        let vb = crate::model::weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
+        let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg)?;
+        let mut reference = decoder.clone();
+        reference.set_cpu_kernels(false);
+        let frames = 6;
+        let ids: Vec<u32> = (0..frames * cfg.num_quantizers)
+            .map(|i| (i * 37 % cfg.codebook_size) as u32)
+            .collect();
+        let codes = Tensor::from_vec(ids, (frames, cfg.num_quantizers), &Device::Cpu)?;
+        let want = reference.decode(&codes)?;
+        let close = |got: &Tensor, what: &str| -> Result<()> {
+            let worst = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(worst < 1e-4, "{what}: max abs difference {worst}");
+            Ok(())
+        };
+        close(&decoder.decode(&codes)?, "whole")?;
+        for d in [&decoder, &reference] {
+            let (mut a, mut b) = (d.new_state()?, d.new_state()?);
+            let mut pcm = [Vec::new(), Vec::new()];
+            for f in 0..frames {
+                let frame = codes.narrow(0, f, 1)?;
+                let out = d.step_batch(&mut [&mut a, &mut b], &[frame.clone(), frame])?;
+                for (p, o) in pcm.iter_mut().zip(out) {
+                    p.push(o);
+                }
+            }
+            for p in &pcm {
+                close(&Tensor::cat(p, 0)?, "batched one-frame steps")?;
+            }
+        }
+        Ok(())
+    }
 
     /// However long the utterance, a state keeps the same conv carries and at most
     /// `sliding_window − 1` positions per attention layer: a step's cost does not grow.

@@ -369,6 +369,92 @@ impl ConvTransposeWeights {
 mod tests {
     use super::*;
 
+    /// Deterministic values in [−1, 1).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{what} [{i}]: {g} vs {w}");
+        }
+    }
+
+    /// The row-kernel conv of a batch equals the per-tap gemm conv of each row.
+    #[test]
+    fn conv_rows_match_gemm() {
+        for (c_in, c_out, kernel, dilation) in [(7, 5, 3, 2), (19, 11, 7, 3), (3, 1, 1, 1), (33, 17, 7, 1)] {
+            let weight = values(c_out * c_in * kernel, c_in);
+            let conv = ConvWeights::new(&weight, values(c_out, 1), c_out, c_in, kernel, dilation);
+            for b in 1..=3 {
+                for t in 1..=5 {
+                    let width = conv.context() + t;
+                    let inputs = values(b * c_in * width, b + t);
+                    let residual = values(b * c_out * t, 3 * t);
+                    for res in [None, Some(&residual[..])] {
+                        let mut rows = vec![0f32; b * c_out * t];
+                        conv.forward_rows(&inputs, b, t, res, &mut rows);
+                        let mut each = vec![0f32; b * c_out * t];
+                        for (r, out) in each.chunks_mut(c_out * t).enumerate() {
+                            let res = res.map(|res| &res[r * c_out * t..(r + 1) * c_out * t]);
+                            conv.forward(&inputs[r * c_in * width..(r + 1) * c_in * width], t, res, out);
+                        }
+                        let what = format!("c_in {c_in} c_out {c_out} k {kernel} d {dilation} b {b} t {t}");
+                        assert_close(&rows, &each, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The row-kernel transposed conv of a batch equals the gemm one of each row, tails included.
+    #[test]
+    fn transposed_conv_rows_match_gemm() {
+        for (c_in, c_out, stride, pieces) in [(5, 3, 3, 2), (13, 7, 2, 1), (9, 4, 4, 3)] {
+            let conv = ConvTransposeWeights {
+                weight: values(c_out * pieces * stride * c_in, c_out),
+                bias: values(c_out, 2),
+                c_in,
+                c_out,
+                stride,
+                pieces,
+            };
+            let (overlap, emitted) = (c_out * conv.overlap(), c_out * stride);
+            for b in 1..=3 {
+                for n in 1..=5 {
+                    let x = values(b * c_in * n, b * n);
+                    let tail = values(b * overlap, n);
+                    // Rows [B·n, c_in] of x [B, c_in, n].
+                    let mut rows = vec![0f32; b * n * c_in];
+                    for r in 0..b {
+                        for i in 0..c_in {
+                            for t in 0..n {
+                                rows[(r * n + t) * c_in + i] = x[(r * c_in + i) * n + t];
+                            }
+                        }
+                    }
+                    let (mut out_rows, mut tail_rows) = (vec![0f32; b * emitted * n], tail.clone());
+                    conv.forward_rows(&rows, b, n, &mut out_rows, &mut tail_rows);
+                    let (mut out_each, mut tail_each) = (vec![0f32; b * emitted * n], tail.clone());
+                    for r in 0..b {
+                        conv.forward(
+                            &x[r * c_in * n..(r + 1) * c_in * n],
+                            n,
+                            &mut out_each[r * emitted * n..(r + 1) * emitted * n],
+                            &mut tail_each[r * overlap..(r + 1) * overlap],
+                        );
+                    }
+                    let what = format!("c_in {c_in} c_out {c_out} stride {stride} pieces {pieces} b {b} n {n}");
+                    assert_close(&out_rows, &out_each, &what);
+                    assert_close(&tail_rows, &tail_each, &what);
+                }
+            }
+        }
+    }
+
     #[test]
     fn sin_sq_matches_f64() {
         let mut worst = 0f64;
