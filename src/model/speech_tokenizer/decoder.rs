@@ -1343,14 +1343,20 @@ impl SpeechDecoder {
 mod tests {
     use super::*;
 
-    /// The candle-ops path (the only one off the CPU) and the CPU kernels agree, whole and in
-    /// a batch of one-frame steps (the row kernels).
-    #[test]
-    fn candle_ops_match_cpu_kernels() -> Result<()> {
+    /// The committed tiny fixture's decoder, on CPU in f32.
+    fn tiny_decoder() -> Result<(DecoderConfig, SpeechDecoder)> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0/checkpoint/speech_tokenizer");
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
         let vb = crate::model::weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
         let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg)?;
+        Ok((cfg, decoder))
+    }
+
+    /// The candle-ops path (the only one off the CPU) and the CPU kernels agree, whole and in
+    /// a batch of one-frame steps (the row kernels).
+    #[test]
+    fn candle_ops_match_cpu_kernels() -> Result<()> {
+        let (cfg, decoder) = tiny_decoder()?;
         let mut reference = decoder.clone();
         reference.set_cpu_kernels(false);
         let frames = 6;
@@ -1386,10 +1392,7 @@ mod tests {
     /// `sliding_window − 1` positions per attention layer: a step's cost does not grow.
     #[test]
     fn state_stays_bounded() -> Result<()> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0/checkpoint/speech_tokenizer");
-        let cfg = DecoderConfig::load(&dir.join("config.json"))?;
-        let vb = crate::model::weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
-        let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg)?;
+        let (cfg, decoder) = tiny_decoder()?;
         let mut state = decoder.new_state()?;
         let carry_dims = |s: &mut DecoderState| s.carries_mut().iter().map(|c| c.dims()).collect::<Vec<_>>();
         let fresh = carry_dims(&mut state);
