@@ -362,8 +362,6 @@ struct CausalConvTranspose1d {
     stride: usize,
     /// Kernel length in strides (rounded up).
     pieces: usize,
-    /// The weights for [`kernels`], on CPU.
-    cpu: Option<ConvTransposeWeights>,
 }
 
 impl CausalConvTranspose1d {
@@ -376,25 +374,12 @@ impl CausalConvTranspose1d {
             .reshape((in_channels, ()))?
             .t()?
             .contiguous()?;
-        let bias = vb.get(out_channels, "bias")?;
-        let cpu = match weight.device() {
-            Device::Cpu => Some(ConvTransposeWeights {
-                weight: weight.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
-                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
-                c_in: in_channels,
-                c_out: out_channels,
-                stride,
-                pieces,
-            }),
-            _ => None,
-        };
         Ok(Self {
             weight,
-            bias: bias.reshape((1, out_channels, 1))?,
+            bias: vb.get(out_channels, "bias")?.reshape((1, out_channels, 1))?,
             out_channels,
             stride,
             pieces,
-            cpu,
         })
     }
 
@@ -408,10 +393,32 @@ impl CausalConvTranspose1d {
         n: usize,
         snake: Option<&SnakeBeta>,
     ) -> CResult<Vec<f32>> {
-        let w = self
-            .cpu
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("CPU transposed conv weights missing".into()))?;
+        // The kernels read the weights in place: the tensor is laid out for them.
+        with_host_f32(&self.weight, |weight| {
+            with_host_f32(&self.bias, |bias| {
+                let w = ConvTransposeWeights {
+                    weight,
+                    bias,
+                    c_in: weight.len() / (self.out_channels * self.pieces * self.stride),
+                    c_out: self.out_channels,
+                    stride: self.stride,
+                    pieces: self.pieces,
+                };
+                self.step_with(&w, carry, xs, b, n, snake)
+            })
+        })
+    }
+
+    /// [`step_cpu`](Self::step_cpu) with the weights borrowed.
+    fn step_with(
+        &self,
+        w: &ConvTransposeWeights,
+        carry: &mut Carry,
+        xs: &[f32],
+        b: usize,
+        n: usize,
+        snake: Option<&SnakeBeta>,
+    ) -> CResult<Vec<f32>> {
         let (c_in, c_out, overlap, emitted) = (w.c_in, w.c_out, w.overlap(), n * w.stride);
         let mut tail = match carry.get() {
             Some(t) => cpu_f32(t)?,
@@ -523,6 +530,17 @@ impl SnakeBeta {
 /// The f32 elements of a tensor in row-major order, on the host.
 fn cpu_f32(t: &Tensor) -> CResult<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}
+
+/// Runs `f` on the elements of a contiguous f32 tensor on the CPU, in place.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Err(candle_core::Error::Msg(
+            "the CPU kernels need a contiguous CPU tensor".into(),
+        ));
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// A CPU step over `xs` [B, C, t] as a tensor: `step` takes the rows, B and t and returns the
@@ -1110,7 +1128,7 @@ impl SpeechDecoder {
             output_conv: CausalConv1d::load(output_dim, 1, 7, 1, vocoder.pp(blocks + 2))?,
             num_quantizers: cfg.num_quantizers,
             samples_per_frame: cfg.samples_per_frame(),
-            cpu_kernels: vb.device().is_cpu(),
+            cpu_kernels: vb.device().is_cpu() && vb.dtype() == DType::F32,
         })
     }
 

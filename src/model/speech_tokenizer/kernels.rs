@@ -259,17 +259,17 @@ impl ConvWeights {
 /// A transposed conv's weights, [c_out · pieces · stride, c_in] (the kernel zero-padded to a
 /// whole number of strides): row `(o, s)` holds what one input contributes to output channel
 /// `o`, `s` samples after its first.
-#[derive(Clone, Debug)]
-pub struct ConvTransposeWeights {
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
+#[derive(Clone, Copy, Debug)]
+pub struct ConvTransposeWeights<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
     pub c_in: usize,
     pub c_out: usize,
     pub stride: usize,
     pub pieces: usize,
 }
 
-impl ConvTransposeWeights {
+impl ConvTransposeWeights<'_> {
     /// Samples each output channel carries to the next step.
     pub fn overlap(&self) -> usize {
         (self.pieces - 1) * self.stride
@@ -326,7 +326,7 @@ impl ConvTransposeWeights {
     /// `tail` [B, c_out, overlap].
     pub fn forward_rows(&self, rows: &[f32], b: usize, n: usize, out: &mut [f32], tail: &mut [f32]) {
         let row = self.c_out * self.pieces * self.stride;
-        let cols = gemv::matmul_wt(rows, b * n, self.c_in, &self.weight, row);
+        let cols = gemv::matmul_wt(rows, b * n, self.c_in, self.weight, row);
         let (emitted, overlap) = (self.c_out * n * self.stride, self.c_out * self.overlap());
         for (r, cols) in cols.chunks(n * row).enumerate() {
             let tail = &mut tail[r * overlap..(r + 1) * overlap];
@@ -414,9 +414,10 @@ mod tests {
     #[test]
     fn transposed_conv_rows_match_gemm() {
         for (c_in, c_out, stride, pieces) in [(5, 3, 3, 2), (13, 7, 2, 1), (9, 4, 4, 3)] {
+            let (weight, bias) = (values(c_out * pieces * stride * c_in, c_out), values(c_out, 2));
             let conv = ConvTransposeWeights {
-                weight: values(c_out * pieces * stride * c_in, c_out),
-                bias: values(c_out, 2),
+                weight: &weight,
+                bias: &bias,
                 c_in,
                 c_out,
                 stride,
