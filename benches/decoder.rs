@@ -1,6 +1,8 @@
 //! Speech decoder speed on the checkpoint in `KOE_BENCH_MODEL` (its `speech_tokenizer/`, f32):
-//! N frames of random valid codes decoded whole and streamed in chunks of 1 and 4 frames, as
-//! ms/frame and RTF (decoder seconds per audio second), then each stage's time in one whole step.
+//! N frames of random valid codes decoded whole, streamed in chunks of 1 and 4 frames, and
+//! streamed one frame per step for a batch of 4 utterances (`step_batch`; ms per frame of one
+//! utterance), as ms/frame and RTF (decoder seconds per audio second), then each stage's time in
+//! one whole step.
 //! On CPU each mode also runs through candle tensor ops (`set_cpu_kernels(false)`), alternating
 //! with the default path in the same process, and prints the ratio.
 //!
@@ -35,13 +37,26 @@ fn random_codes(frames: usize, q: usize, bins: usize) -> candle_core::Result<Ten
     Tensor::from_vec(data, (frames, q), &Device::Cpu)
 }
 
-fn stream(decoder: &SpeechDecoder, codes: &Tensor, chunk: usize) -> koe::Result<()> {
+/// Streams `codes` in chunks of `chunk` frames to `utterances` states at once (one `step_batch`
+/// per chunk; one utterance through `step`).
+fn stream(decoder: &SpeechDecoder, codes: &Tensor, chunk: usize, utterances: usize) -> koe::Result<()> {
     let frames = codes.dim(0)?;
-    let mut state = decoder.new_state()?;
+    let mut states = (0..utterances)
+        .map(|_| decoder.new_state())
+        .collect::<koe::Result<Vec<_>>>()?;
     let mut at = 0;
     while at < frames {
         let n = chunk.min(frames - at);
-        decoder.step(&mut state, &codes.narrow(0, at, n)?)?;
+        let chunk = codes.narrow(0, at, n)?;
+        match &mut states[..] {
+            [state] => {
+                decoder.step(state, &chunk)?;
+            }
+            states => {
+                let mut batch: Vec<_> = states.iter_mut().collect();
+                decoder.step_batch(&mut batch, &vec![chunk; utterances])?;
+            }
+        }
         at += n;
     }
     Ok(())
@@ -76,19 +91,21 @@ fn main() -> anyhow::Result<()> {
     );
     println!("| mode | ms/frame | RTF | candle ops ms/frame | speed-up |");
     println!("|---|---|---|---|---|");
-    let modes: [(&str, Option<usize>); 3] = [
-        ("whole", None),
-        ("stream chunk 1", Some(1)),
-        ("stream chunk 4", Some(4)),
+    // (label, chunk, utterances): seconds are per utterance.
+    let modes: [(&str, Option<usize>, usize); 4] = [
+        ("whole", None, 1),
+        ("stream chunk 1", Some(1), 1),
+        ("stream chunk 4", Some(4), 1),
+        ("batch of 4, chunk 1", Some(1), 4),
     ];
-    for (label, chunk) in modes {
+    for (label, chunk, utterances) in modes {
         let run = |d: &SpeechDecoder| -> koe::Result<f64> {
             let started = Instant::now();
             match chunk {
                 None => d.decode(&codes).map(|_| ()),
-                Some(c) => stream(d, &codes, c),
+                Some(c) => stream(d, &codes, c, utterances),
             }?;
-            Ok(started.elapsed().as_secs_f64())
+            Ok(started.elapsed().as_secs_f64() / utterances as f64)
         };
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..repeat {

@@ -16,8 +16,10 @@
 use super::kernels::{self, ConvTransposeWeights, ConvWeights};
 use super::streaming::{Carry, KvWindow};
 use crate::error::{Error, Result};
+use crate::model::gemv;
+use crate::model::linear::{Linear, WeightFormat};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
-use candle_nn::{Activation, LayerNorm, LayerNormConfig, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Activation, LayerNorm, LayerNormConfig, RmsNorm, VarBuilder};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -225,37 +227,61 @@ impl CausalConv1d {
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("CPU conv weights missing".into()))?;
         let (ctx, c_in, c_out) = (w.context(), w.c_in, w.c_out);
+        if ctx == 0 && snake.is_none() {
+            let mut out = vec![0f32; b * c_out * t];
+            match b * t <= gemv::MAX_ROWS {
+                true => w.forward_rows(xs, b, t, residual, &mut out),
+                false => {
+                    for (row, (x, out)) in xs.chunks(c_in * t).zip(out.chunks_mut(c_out * t)).enumerate() {
+                        w.forward(x, t, residual.map(|r| &r[row * c_out * t..(row + 1) * c_out * t]), out);
+                    }
+                }
+            }
+            return Ok(out);
+        }
         let width = ctx + t;
         let old_carry = carry.get().map(cpu_f32).transpose()?;
-        let mut out = vec![0f32; b * c_out * t];
         let mut new_carry = vec![0f32; b * c_in * ctx];
-        let mut input = vec![0f32; c_in * width];
-        for row in 0..b {
+        // Row `row`'s input: its carried context, then the (activated) new samples; the last
+        // `ctx` of them are carried on.
+        let mut fill = |row: usize, input: &mut [f32]| {
             let x = &xs[row * c_in * t..(row + 1) * c_in * t];
-            let res = residual.map(|r| &r[row * c_out * t..(row + 1) * c_out * t]);
-            let out_row = &mut out[row * c_out * t..(row + 1) * c_out * t];
-            if ctx == 0 && snake.is_none() {
-                w.forward(x, t, res, out_row);
-                continue;
-            }
             if let Some(old) = &old_carry {
                 for (dst, src) in input.chunks_mut(width).zip(old[row * c_in * ctx..].chunks(ctx)) {
                     dst[..ctx].copy_from_slice(src);
                 }
             }
             match snake {
-                Some(snake) => snake.apply(x, t, &mut input, width, ctx),
+                Some(snake) => snake.apply(x, t, input, width, ctx),
                 None => {
                     for (dst, src) in input.chunks_mut(width).zip(x.chunks(t)) {
                         dst[ctx..].copy_from_slice(src);
                     }
                 }
             }
-            w.forward(&input, t, res, out_row);
             if ctx > 0 {
                 for (dst, src) in new_carry[row * c_in * ctx..].chunks_mut(ctx).zip(input.chunks(width)) {
                     dst.copy_from_slice(&src[t..]);
                 }
+            }
+        };
+        let mut out = vec![0f32; b * c_out * t];
+        if b * t <= gemv::MAX_ROWS {
+            let mut inputs = vec![0f32; b * c_in * width];
+            for (row, input) in inputs.chunks_mut(c_in * width).enumerate() {
+                fill(row, input);
+            }
+            w.forward_rows(&inputs, b, t, residual, &mut out);
+        } else {
+            let mut input = vec![0f32; c_in * width];
+            for (row, out) in out.chunks_mut(c_out * t).enumerate() {
+                fill(row, &mut input);
+                w.forward(
+                    &input,
+                    t,
+                    residual.map(|r| &r[row * c_out * t..(row + 1) * c_out * t]),
+                    out,
+                );
             }
         }
         if ctx > 0 {
@@ -323,21 +349,19 @@ impl DepthwiseCausalConv1d {
 /// outputs are cut. When streaming those outputs are the overlap tail that the next inputs
 /// complete, so n inputs always yield n·stride final samples.
 ///
-/// Computed as one gemm, [B·n, C_in] × [C_in, C_out·K], and an overlap-add of the K/stride
+/// Computed as one gemm, [B·n, C_in] × [C_out·K, C_in]ᵀ, and an overlap-add of the K/stride
 /// stride-long pieces of each input's output. Not candle 0.11.1's `conv_transpose1d`: its CPU
 /// gemm + col2im path folds the batch into the gemm rows while reading the input transposed,
 /// which gives wrong rows for batch > 1.
 #[derive(Clone, Debug)]
 struct CausalConvTranspose1d {
-    /// [C_in, C_out · pieces · stride]: the kernel zero-padded to a multiple of the stride.
+    /// [C_out · pieces · stride, C_in]: the kernel zero-padded to a multiple of the stride.
     weight: Tensor,
     bias: Tensor,
     out_channels: usize,
     stride: usize,
     /// Kernel length in strides (rounded up).
     pieces: usize,
-    /// The weights for [`kernels`], on CPU.
-    cpu: Option<ConvTransposeWeights>,
 }
 
 impl CausalConvTranspose1d {
@@ -347,26 +371,15 @@ impl CausalConvTranspose1d {
         let weight = vb
             .get((in_channels, out_channels, kernel), "weight")?
             .pad_with_zeros(2, 0, pieces * stride - kernel)?
-            .reshape((in_channels, ()))?;
-        let bias = vb.get(out_channels, "bias")?;
-        let cpu = match weight.device() {
-            Device::Cpu => Some(ConvTransposeWeights {
-                weight: weight.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
-                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
-                c_in: in_channels,
-                c_out: out_channels,
-                stride,
-                pieces,
-            }),
-            _ => None,
-        };
+            .reshape((in_channels, ()))?
+            .t()?
+            .contiguous()?;
         Ok(Self {
             weight,
-            bias: bias.reshape((1, out_channels, 1))?,
+            bias: vb.get(out_channels, "bias")?.reshape((1, out_channels, 1))?,
             out_channels,
             stride,
             pieces,
-            cpu,
         })
     }
 
@@ -380,10 +393,32 @@ impl CausalConvTranspose1d {
         n: usize,
         snake: Option<&SnakeBeta>,
     ) -> CResult<Vec<f32>> {
-        let w = self
-            .cpu
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("CPU transposed conv weights missing".into()))?;
+        // The kernels read the weights in place: the tensor is laid out for them.
+        with_host_f32(&self.weight, |weight| {
+            with_host_f32(&self.bias, |bias| {
+                let w = ConvTransposeWeights {
+                    weight,
+                    bias,
+                    c_in: weight.len() / (self.out_channels * self.pieces * self.stride),
+                    c_out: self.out_channels,
+                    stride: self.stride,
+                    pieces: self.pieces,
+                };
+                self.step_with(&w, carry, xs, b, n, snake)
+            })
+        })
+    }
+
+    /// [`step_cpu`](Self::step_cpu) with the weights borrowed.
+    fn step_with(
+        &self,
+        w: &ConvTransposeWeights,
+        carry: &mut Carry,
+        xs: &[f32],
+        b: usize,
+        n: usize,
+        snake: Option<&SnakeBeta>,
+    ) -> CResult<Vec<f32>> {
         let (c_in, c_out, overlap, emitted) = (w.c_in, w.c_out, w.overlap(), n * w.stride);
         let mut tail = match carry.get() {
             Some(t) => cpu_f32(t)?,
@@ -391,21 +426,28 @@ impl CausalConvTranspose1d {
         };
         let mut out = vec![0f32; b * c_out * emitted];
         let mut activated = vec![0f32; if snake.is_some() { c_in * n } else { 0 }];
+        let row_kernel = b * n <= gemv::MAX_ROWS;
+        // Inputs as rows [B·n, c_in], for the row kernel.
+        let mut rows = vec![0f32; if row_kernel { b * n * c_in } else { 0 }];
         for row in 0..b {
-            let x = &xs[row * c_in * n..(row + 1) * c_in * n];
-            let x = match snake {
-                Some(snake) => {
-                    snake.apply(x, n, &mut activated, n, 0);
-                    &activated[..]
+            let mut x = &xs[row * c_in * n..(row + 1) * c_in * n];
+            if let Some(snake) = snake {
+                snake.apply(x, n, &mut activated, n, 0);
+                x = &activated;
+            }
+            if row_kernel {
+                for (i, channel) in x.chunks(n).enumerate() {
+                    for (time, &v) in channel.iter().enumerate() {
+                        rows[(row * n + time) * c_in + i] = v;
+                    }
                 }
-                None => x,
-            };
-            w.forward(
-                x,
-                n,
-                &mut out[row * c_out * emitted..(row + 1) * c_out * emitted],
-                &mut tail[row * c_out * overlap..(row + 1) * c_out * overlap],
-            );
+            } else {
+                let tail = &mut tail[row * c_out * overlap..(row + 1) * c_out * overlap];
+                w.forward(x, n, &mut out[row * c_out * emitted..(row + 1) * c_out * emitted], tail);
+            }
+        }
+        if row_kernel {
+            w.forward_rows(&rows, b, n, &mut out, &mut tail);
         }
         if overlap > 0 {
             carry.set(Tensor::from_vec(tail, (b, c_out, overlap), &Device::Cpu)?);
@@ -424,7 +466,7 @@ impl CausalConvTranspose1d {
         let (pieces, stride) = (self.pieces, self.stride);
         let rows = xs.transpose(1, 2)?.contiguous()?.reshape((b * n, c_in))?;
         let cols = rows
-            .matmul(&self.weight)?
+            .matmul(&self.weight.t()?)?
             .reshape((b, n, self.out_channels, pieces, stride))?;
         // Piece p of input t lands at output samples (t + p)·stride ..
         let mut full: Option<Tensor> = None;
@@ -490,6 +532,43 @@ fn cpu_f32(t: &Tensor) -> CResult<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
 }
 
+/// Runs `f` on the elements of a contiguous f32 tensor on the CPU, in place.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Err(candle_core::Error::Msg(
+            "the CPU kernels need a contiguous CPU tensor".into(),
+        ));
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// A CPU step over `xs` [B, C, t] as a tensor: `step` takes the rows, B and t and returns the
+/// output rows [B, C', t'] and t'.
+fn on_cpu(xs: &Tensor, step: impl FnOnce(&[f32], usize, usize) -> CResult<(Vec<f32>, usize)>) -> CResult<Tensor> {
+    let (b, _, t) = xs.dims3()?;
+    let (ys, t_out) = step(&cpu_f32(xs)?, b, t)?;
+    let channels = ys.len() / (b * t_out).max(1);
+    Tensor::from_vec(ys, (b, channels, t_out), &Device::Cpu)
+}
+
+/// A dense projection `[out, in]` (+ bias): the row kernel on CPU for a few rows (streamed
+/// frames), gemm otherwise.
+fn dense(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> CResult<Linear> {
+    Linear::load(vb, in_dim, out_dim, bias, WeightFormat::Dense)
+}
+
+/// `linear` over the last dim of `xs` [.., in] (its rows flattened).
+fn project(linear: &Linear, xs: &Tensor) -> CResult<Tensor> {
+    let mut dims = xs.dims().to_vec();
+    let rows = xs.flatten_to(D::Minus2)?;
+    let ys = linear.forward(&rows)?;
+    if let Some(last) = dims.last_mut() {
+        *last = ys.dim(1)?;
+    }
+    ys.reshape(dims)
+}
+
 impl Module for SnakeBeta {
     fn forward(&self, xs: &Tensor) -> CResult<Tensor> {
         xs + xs
@@ -518,8 +597,8 @@ impl ConvNeXtBlock {
         Ok(Self {
             dwconv: DepthwiseCausalConv1d::load(dim, 7, vb.pp("dwconv"))?,
             norm: candle_nn::layer_norm(dim, norm_cfg, vb.pp("norm"))?,
-            pwconv1: candle_nn::linear(dim, 4 * dim, vb.pp("pwconv1"))?,
-            pwconv2: candle_nn::linear(4 * dim, dim, vb.pp("pwconv2"))?,
+            pwconv1: dense(vb.pp("pwconv1"), dim, 4 * dim, true)?,
+            pwconv2: dense(vb.pp("pwconv2"), 4 * dim, dim, true)?,
             gamma: vb.get(dim, "gamma")?,
         })
     }
@@ -527,8 +606,8 @@ impl ConvNeXtBlock {
     /// [B, C, T] → [B, C, T]
     fn step(&self, carry: &mut Carry, xs: &Tensor) -> CResult<Tensor> {
         let h = self.dwconv.step(carry, xs)?.transpose(1, 2)?;
-        let h = self.pwconv1.forward(&self.norm.forward(&h)?)?.gelu_erf()?;
-        let h = self.pwconv2.forward(&h)?.broadcast_mul(&self.gamma)?;
+        let h = project(&self.pwconv1, &self.norm.forward(&h)?)?.gelu_erf()?;
+        let h = project(&self.pwconv2, &h)?.broadcast_mul(&self.gamma)?;
         xs + h.transpose(1, 2)?
     }
 }
@@ -722,7 +801,7 @@ impl Attention {
     fn load(cfg: &DecoderConfig, vb: VarBuilder) -> CResult<Self> {
         let (hidden, head_dim) = (cfg.hidden_size, cfg.head_dim());
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let linear = |i, o, name| candle_nn::linear_b(i, o, cfg.attention_bias, vb.pp(name));
+        let linear = |i, o, name| dense(vb.pp(name), i, o, cfg.attention_bias);
         Ok(Self {
             q_proj: linear(hidden, heads * head_dim, "q_proj")?,
             k_proj: linear(hidden, kv_heads * head_dim, "k_proj")?,
@@ -740,9 +819,9 @@ impl Attention {
         let (b, n, _) = xs.dims3()?;
         let split_heads =
             |t: Tensor, heads: usize| t.reshape((b, n, heads, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = split_heads(self.q_proj.forward(xs)?, self.heads)?;
-        let k = split_heads(self.k_proj.forward(xs)?, self.kv_heads)?;
-        let v = split_heads(self.v_proj.forward(xs)?, self.kv_heads)?;
+        let q = split_heads(project(&self.q_proj, xs)?, self.heads)?;
+        let k = split_heads(project(&self.k_proj, xs)?, self.kv_heads)?;
+        let v = split_heads(project(&self.v_proj, xs)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         // Rows whose windows hold the same number of positions attend as one batch (the steady
@@ -760,7 +839,7 @@ impl Attention {
                 .collect::<CResult<Vec<_>>>()?;
             Tensor::cat(&rows, 0)?
         };
-        self.o_proj.forward(&out.transpose(1, 2)?.reshape((b, n, ()))?)
+        project(&self.o_proj, &out.transpose(1, 2)?.reshape((b, n, ()))?)
     }
 
     /// Eager attention of the new positions over each row's window and themselves, under the
@@ -808,9 +887,9 @@ impl Mlp {
     fn load(cfg: &DecoderConfig, vb: VarBuilder) -> CResult<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("up_proj"))?,
-            down_proj: candle_nn::linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
+            gate_proj: dense(vb.pp("gate_proj"), hidden, inter, false)?,
+            up_proj: dense(vb.pp("up_proj"), hidden, inter, false)?,
+            down_proj: dense(vb.pp("down_proj"), inter, hidden, false)?,
             act: cfg.hidden_act,
         })
     }
@@ -818,8 +897,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> CResult<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let gate = self.act.forward(&project(&self.gate_proj, xs)?)?;
+        project(&self.down_proj, &(gate * project(&self.up_proj, xs)?)?)
     }
 }
 
@@ -879,10 +958,10 @@ impl PreTransformer {
             .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / head_dim as f32))
             .collect();
         Ok(Self {
-            input_proj: candle_nn::linear(cfg.latent_dim, cfg.hidden_size, vb.pp("input_proj"))?,
+            input_proj: dense(vb.pp("input_proj"), cfg.latent_dim, cfg.hidden_size, true)?,
             layers,
             norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
-            output_proj: candle_nn::linear(cfg.hidden_size, cfg.latent_dim, vb.pp("output_proj"))?,
+            output_proj: dense(vb.pp("output_proj"), cfg.hidden_size, cfg.latent_dim, true)?,
             inv_freq: Tensor::from_vec(inv_freq, (1, 1, head_dim / 2), vb.device())?,
         })
     }
@@ -904,7 +983,7 @@ impl PreTransformer {
         let freqs = Tensor::from_vec(positions, (b, n, 1), xs.device())?.broadcast_mul(&self.inv_freq)?;
         let cos = freqs.cos()?.to_dtype(xs.dtype())?;
         let sin = freqs.sin()?.to_dtype(xs.dtype())?;
-        let mut hidden = self.input_proj.forward(xs)?;
+        let mut hidden = project(&self.input_proj, xs)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut windows: Vec<&mut KvWindow> = rows.iter_mut().map(|row| &mut row.layers[l]).collect();
             hidden = layer.step(&hidden, &cos, &sin, &mut windows)?;
@@ -912,7 +991,7 @@ impl PreTransformer {
         for row in rows.iter_mut() {
             row.position += n;
         }
-        self.output_proj.forward(&self.norm.forward(&hidden)?)
+        project(&self.output_proj, &self.norm.forward(&hidden)?)
     }
 }
 
@@ -1049,7 +1128,7 @@ impl SpeechDecoder {
             output_conv: CausalConv1d::load(output_dim, 1, 7, 1, vocoder.pp(blocks + 2))?,
             num_quantizers: cfg.num_quantizers,
             samples_per_frame: cfg.samples_per_frame(),
-            cpu_kernels: vb.device().is_cpu(),
+            cpu_kernels: vb.device().is_cpu() && vb.dtype() == DType::F32,
         })
     }
 
@@ -1203,7 +1282,13 @@ impl SpeechDecoder {
         let (b, n, _) = codes.dims3()?;
         let hidden = self.quantizer.decode(codes)?;
         observe(Stage::Quantized, &hidden);
-        let hidden = self.pre_conv.step(&mut state.pre_conv, &hidden)?;
+        let hidden = match self.cpu_kernels {
+            true => on_cpu(&hidden, |x, b, t| {
+                let y = self.pre_conv.step_cpu(&mut state.pre_conv, x, b, t, None, None)?;
+                Ok((y, t))
+            })?,
+            false => self.pre_conv.step(&mut state.pre_conv, &hidden)?,
+        };
         observe(Stage::PreConv, &hidden);
         let hidden = self
             .pre_transformer
@@ -1211,7 +1296,13 @@ impl SpeechDecoder {
         observe(Stage::PreTransformer, &hidden);
         let mut hidden = hidden.transpose(1, 2)?.contiguous()?;
         for (i, ((upsample, convnext), [tail, context])) in self.upsample.iter().zip(&mut state.upsample).enumerate() {
-            hidden = convnext.step(context, &upsample.step(tail, &hidden)?)?;
+            let upsampled = match self.cpu_kernels {
+                true => on_cpu(&hidden, |x, b, n| {
+                    Ok((upsample.step_cpu(tail, x, b, n, None)?, n * upsample.stride))
+                })?,
+                false => upsample.step(tail, &hidden)?,
+            };
+            hidden = convnext.step(context, &upsampled)?;
             observe(Stage::Upsample(i), &hidden);
         }
         if self.cpu_kernels {
@@ -1270,14 +1361,56 @@ impl SpeechDecoder {
 mod tests {
     use super::*;
 
-    /// However long the utterance, a state keeps the same conv carries and at most
-    /// `sliding_window − 1` positions per attention layer: a step's cost does not grow.
-    #[test]
-    fn state_stays_bounded() -> Result<()> {
+    /// The committed tiny fixture's decoder, on CPU in f32.
+    fn tiny_decoder() -> Result<(DecoderConfig, SpeechDecoder)> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0/checkpoint/speech_tokenizer");
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
         let vb = crate::model::weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
         let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg)?;
+        Ok((cfg, decoder))
+    }
+
+    /// The candle-ops path (the only one off the CPU) and the CPU kernels agree, whole and in
+    /// a batch of one-frame steps (the row kernels).
+    #[test]
+    fn candle_ops_match_cpu_kernels() -> Result<()> {
+        let (cfg, decoder) = tiny_decoder()?;
+        let mut reference = decoder.clone();
+        reference.set_cpu_kernels(false);
+        let frames = 6;
+        let ids: Vec<u32> = (0..frames * cfg.num_quantizers)
+            .map(|i| (i * 37 % cfg.codebook_size) as u32)
+            .collect();
+        let codes = Tensor::from_vec(ids, (frames, cfg.num_quantizers), &Device::Cpu)?;
+        let want = reference.decode(&codes)?;
+        let close = |got: &Tensor, what: &str| -> Result<()> {
+            let worst = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(worst < 1e-4, "{what}: max abs difference {worst}");
+            Ok(())
+        };
+        close(&decoder.decode(&codes)?, "whole")?;
+        for d in [&decoder, &reference] {
+            let (mut a, mut b) = (d.new_state()?, d.new_state()?);
+            let mut pcm = [Vec::new(), Vec::new()];
+            for f in 0..frames {
+                let frame = codes.narrow(0, f, 1)?;
+                let out = d.step_batch(&mut [&mut a, &mut b], &[frame.clone(), frame])?;
+                for (p, o) in pcm.iter_mut().zip(out) {
+                    p.push(o);
+                }
+            }
+            for p in &pcm {
+                close(&Tensor::cat(p, 0)?, "batched one-frame steps")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// However long the utterance, a state keeps the same conv carries and at most
+    /// `sliding_window − 1` positions per attention layer: a step's cost does not grow.
+    #[test]
+    fn state_stays_bounded() -> Result<()> {
+        let (cfg, decoder) = tiny_decoder()?;
         let mut state = decoder.new_state()?;
         let carry_dims = |s: &mut DecoderState| s.carries_mut().iter().map(|c| c.dims()).collect::<Vec<_>>();
         let fresh = carry_dims(&mut state);

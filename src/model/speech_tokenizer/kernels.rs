@@ -1,8 +1,14 @@
-//! CPU f32 kernels of the decoder's vocoder, on plain row-major `[C, T]` slices: fused SnakeBeta,
+//! CPU f32 kernels of the decoder's convs, on plain row-major `[C, T]` slices: fused SnakeBeta,
 //! causal conv as per-tap gemms straight over the padded input (no im2col, no transposes), and
 //! the transposed conv as one gemm plus an overlap-add. Work is split over the rayon pool by
 //! time tiles (and output-channel blocks when a step is short), each tile a single-threaded gemm.
+//!
+//! Short steps (a streamed frame or two, at most [`gemv::MAX_ROWS`] time rows over the whole
+//! batch) are bound by reading the weights, which gemm does at poor bandwidth on such skinny
+//! shapes: they go through the row kernel instead, every state's rows in one product so each
+//! weight is read once per step. The weights are laid out once for both paths.
 
+use crate::model::gemv;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -218,21 +224,52 @@ impl ConvWeights {
             }
         });
     }
+
+    /// [`forward`](Self::forward) for a batch of short steps, as one row-kernel product: `inputs`
+    /// [B, c_in, context + t] → `out` [B, c_out, t] (+ `residual` [B, c_out, t]). The im2col rows
+    /// `[(tap, c_in)]` of all B·t outputs meet the weights as they are stored, [c_out, kernel·c_in].
+    pub fn forward_rows(&self, inputs: &[f32], b: usize, t: usize, residual: Option<&[f32]>, out: &mut [f32]) {
+        let (c_in, c_out) = (self.c_in, self.c_out);
+        let width = self.context() + t;
+        let row_len = self.kernel * c_in;
+        debug_assert_eq!(inputs.len(), b * c_in * width);
+        debug_assert_eq!(out.len(), b * c_out * t);
+        let mut rows = vec![0f32; b * t * row_len];
+        for (input, rows) in inputs.chunks(c_in * width).zip(rows.chunks_mut(t * row_len)) {
+            for (i, channel) in input.chunks(width).enumerate() {
+                for (time, row) in rows.chunks_mut(row_len).enumerate() {
+                    for k in 0..self.kernel {
+                        row[k * c_in + i] = channel[time + k * self.dilation];
+                    }
+                }
+            }
+        }
+        let y = gemv::matmul_wt(&rows, b * t, row_len, &self.taps, c_out);
+        for (r, out) in out.chunks_mut(c_out * t).enumerate() {
+            for (o, out) in out.chunks_mut(t).enumerate() {
+                for (time, v) in out.iter_mut().enumerate() {
+                    let res = residual.map_or(0.0, |res| res[(r * c_out + o) * t + time]);
+                    *v = y[(r * t + time) * c_out + o] + self.bias[o] + res;
+                }
+            }
+        }
+    }
 }
 
-/// A transposed conv's weights, [c_in, c_out · pieces · stride] (the kernel zero-padded to a
-/// whole number of strides).
-#[derive(Clone, Debug)]
-pub struct ConvTransposeWeights {
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
+/// A transposed conv's weights, [c_out · pieces · stride, c_in] (the kernel zero-padded to a
+/// whole number of strides): row `(o, s)` holds what one input contributes to output channel
+/// `o`, `s` samples after its first.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvTransposeWeights<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
     pub c_in: usize,
     pub c_out: usize,
     pub stride: usize,
     pub pieces: usize,
 }
 
-impl ConvTransposeWeights {
+impl ConvTransposeWeights<'_> {
     /// Samples each output channel carries to the next step.
     pub fn overlap(&self) -> usize {
         (self.pieces - 1) * self.stride
@@ -247,7 +284,7 @@ impl ConvTransposeWeights {
         let emitted = n * self.stride;
         debug_assert_eq!(out.len(), self.c_out * emitted);
         debug_assert_eq!(tail.len(), self.c_out * overlap);
-        // cols[t, (c_out, span)] = x[c_in, t]ᵀ · weight
+        // cols[t, (c_out, span)] = x[c_in, t]ᵀ · weightᵀ
         let mut cols = vec![0f32; n * row];
         if n > 0 {
             let threads = rayon::current_num_threads();
@@ -256,7 +293,7 @@ impl ConvTransposeWeights {
             } else {
                 Parallelism::None
             };
-            // SAFETY: the strides describe `x` [c_in, n], `weight` [c_in, row], `cols` [n, row].
+            // SAFETY: the strides describe `x` [c_in, n], `weight` [row, c_in], `cols` [n, row].
             unsafe {
                 gemm(
                     n,
@@ -270,8 +307,8 @@ impl ConvTransposeWeights {
                     n as isize,
                     1,
                     self.weight.as_ptr(),
+                    self.c_in as isize,
                     1,
-                    row as isize,
                     0.0,
                     1.0,
                     false,
@@ -281,6 +318,29 @@ impl ConvTransposeWeights {
                 );
             }
         }
+        self.overlap_add(&cols, n, out, tail);
+    }
+
+    /// [`forward`](Self::forward) for a batch of short steps, as one row-kernel product: `rows`
+    /// [B·n, c_in] (input t of batch row r at row r·n + t) → `out` [B, c_out, n · stride],
+    /// `tail` [B, c_out, overlap].
+    pub fn forward_rows(&self, rows: &[f32], b: usize, n: usize, out: &mut [f32], tail: &mut [f32]) {
+        let row = self.c_out * self.pieces * self.stride;
+        let cols = gemv::matmul_wt(rows, b * n, self.c_in, self.weight, row);
+        let (emitted, overlap) = (self.c_out * n * self.stride, self.c_out * self.overlap());
+        for (r, cols) in cols.chunks(n * row).enumerate() {
+            let tail = &mut tail[r * overlap..(r + 1) * overlap];
+            self.overlap_add(cols, n, &mut out[r * emitted..(r + 1) * emitted], tail);
+        }
+    }
+
+    /// Adds each input's `cols` row [(c_out, span)] into `out` [c_out, n · stride] at its
+    /// place, through the carried `tail`, plus the bias; the new tail is what spills over.
+    fn overlap_add(&self, cols: &[f32], n: usize, out: &mut [f32], tail: &mut [f32]) {
+        let span = self.pieces * self.stride;
+        let row = self.c_out * span;
+        let overlap = self.overlap();
+        let emitted = n * self.stride;
         let tail_ptr = SendPtr(tail.as_mut_ptr());
         out.par_chunks_mut(emitted.max(1))
             .enumerate()
@@ -308,6 +368,93 @@ impl ConvTransposeWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Deterministic values in [−1, 1).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{what} [{i}]: {g} vs {w}");
+        }
+    }
+
+    /// The row-kernel conv of a batch equals the per-tap gemm conv of each row.
+    #[test]
+    fn conv_rows_match_gemm() {
+        for (c_in, c_out, kernel, dilation) in [(7, 5, 3, 2), (19, 11, 7, 3), (3, 1, 1, 1), (33, 17, 7, 1)] {
+            let weight = values(c_out * c_in * kernel, c_in);
+            let conv = ConvWeights::new(&weight, values(c_out, 1), c_out, c_in, kernel, dilation);
+            for b in 1..=3 {
+                for t in 1..=5 {
+                    let width = conv.context() + t;
+                    let inputs = values(b * c_in * width, b + t);
+                    let residual = values(b * c_out * t, 3 * t);
+                    for res in [None, Some(&residual[..])] {
+                        let mut rows = vec![0f32; b * c_out * t];
+                        conv.forward_rows(&inputs, b, t, res, &mut rows);
+                        let mut each = vec![0f32; b * c_out * t];
+                        for (r, out) in each.chunks_mut(c_out * t).enumerate() {
+                            let res = res.map(|res| &res[r * c_out * t..(r + 1) * c_out * t]);
+                            conv.forward(&inputs[r * c_in * width..(r + 1) * c_in * width], t, res, out);
+                        }
+                        let what = format!("c_in {c_in} c_out {c_out} k {kernel} d {dilation} b {b} t {t}");
+                        assert_close(&rows, &each, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The row-kernel transposed conv of a batch equals the gemm one of each row, tails included.
+    #[test]
+    fn transposed_conv_rows_match_gemm() {
+        for (c_in, c_out, stride, pieces) in [(5, 3, 3, 2), (13, 7, 2, 1), (9, 4, 4, 3)] {
+            let (weight, bias) = (values(c_out * pieces * stride * c_in, c_out), values(c_out, 2));
+            let conv = ConvTransposeWeights {
+                weight: &weight,
+                bias: &bias,
+                c_in,
+                c_out,
+                stride,
+                pieces,
+            };
+            let (overlap, emitted) = (c_out * conv.overlap(), c_out * stride);
+            for b in 1..=3 {
+                for n in 1..=5 {
+                    let x = values(b * c_in * n, b * n);
+                    let tail = values(b * overlap, n);
+                    // Rows [B·n, c_in] of x [B, c_in, n].
+                    let mut rows = vec![0f32; b * n * c_in];
+                    for r in 0..b {
+                        for i in 0..c_in {
+                            for t in 0..n {
+                                rows[(r * n + t) * c_in + i] = x[(r * c_in + i) * n + t];
+                            }
+                        }
+                    }
+                    let (mut out_rows, mut tail_rows) = (vec![0f32; b * emitted * n], tail.clone());
+                    conv.forward_rows(&rows, b, n, &mut out_rows, &mut tail_rows);
+                    let (mut out_each, mut tail_each) = (vec![0f32; b * emitted * n], tail.clone());
+                    for r in 0..b {
+                        conv.forward(
+                            &x[r * c_in * n..(r + 1) * c_in * n],
+                            n,
+                            &mut out_each[r * emitted * n..(r + 1) * emitted * n],
+                            &mut tail_each[r * overlap..(r + 1) * overlap],
+                        );
+                    }
+                    let what = format!("c_in {c_in} c_out {c_out} stride {stride} pieces {pieces} b {b} n {n}");
+                    assert_close(&out_rows, &out_each, &what);
+                    assert_close(&tail_rows, &tail_each, &what);
+                }
+            }
+        }
+    }
 
     #[test]
     fn sin_sq_matches_f64() {
