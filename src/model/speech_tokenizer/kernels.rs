@@ -8,25 +8,12 @@
 //! shapes: they go through the row kernel instead, every state's rows in one product so each
 //! weight is read once per step. The weights are laid out once for both paths.
 
-use crate::model::gemv;
+use crate::model::gemv::{self, SendPtr};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 /// Output floats per conv task (all output channels × a time tile): 512 KiB, within L2.
 const TILE_FLOATS: usize = 128 * 1024;
-
-#[derive(Clone, Copy)]
-struct SendPtr<T>(T);
-// SAFETY: tasks write disjoint regions of one buffer and only read shared inputs.
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-
-impl<T: Copy> SendPtr<T> {
-    /// A method (not a field read) so closures capture the whole `Sync` wrapper.
-    fn get(&self) -> T {
-        self.0
-    }
-}
 
 /// sin²(x) within 4e-7 (a few ulp of 1; tested on [−200, 200]). sin² has period π, so x is
 /// reduced by the nearest multiple of π (three-part Cody–Waite with 12-bit parts, exact for
