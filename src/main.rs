@@ -88,6 +88,10 @@ struct SayArgs {
     /// Feed all text before the codec side (the package's non_streaming_mode).
     #[arg(long)]
     non_streaming_text: bool,
+    /// Frames decoded per decoder step after the first frame (which is decoded alone, for
+    /// time to first audio): more costs less per frame, and adds latency between chunks.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=25))]
+    decode_frames: u16,
 }
 
 #[derive(Args)]
@@ -156,6 +160,8 @@ fn load(settings: &Settings, args: &ModelArgs) -> Result<(Synthesizer, String)> 
     bar.set_message(format!("loading {}", dir.display()));
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     let synth = Synthesizer::load(&dir, &device(settings)?, dtype)?;
+    bar.set_message("warming up");
+    synth.warm_up()?;
     bar.finish_and_clear();
     let canonical = dir.canonicalize().unwrap_or(dir);
     let weights_len = std::fs::metadata(canonical.join("model.safetensors"))
@@ -222,7 +228,7 @@ fn say(settings: &Settings, args: SayArgs) -> Result<()> {
     let mut utt = synth.start(&voice, &text, &language, mode, &params)?;
     let mut ttfa = None;
     let mut samples = 0usize;
-    while let Some(pcm) = utt.next_audio(&synth)? {
+    while let Some(pcm) = utt.next_audio_frames(&synth, if ttfa.is_some() { args.decode_frames.into() } else { 1 })? {
         let pcm = pcm.to_vec1::<f32>()?;
         sink.write(&pcm)?;
         ttfa.get_or_insert_with(|| started.elapsed().as_secs_f64());

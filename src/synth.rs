@@ -86,6 +86,22 @@ impl Synthesizer {
         })
     }
 
+    /// Speaks two frames with a silent x-vector voice, so that the first real request does not
+    /// pay first-touch costs: paging in the memory-mapped weights, and candle's quantized
+    /// weights repacked for its kernels on their first use (most of a second on the full model).
+    pub fn warm_up(&self) -> Result<()> {
+        let hidden = self.tts.config.talker_config.hidden_size;
+        let prompt = VoicePrompt {
+            speaker_embedding: Tensor::zeros(hidden, DType::F32, &self.tts.device)?,
+            icl: None,
+        };
+        let voice = self.voice(prompt)?;
+        let params = GenerationParams::greedy(3);
+        let mut utterance = self.start(&voice, "Warm up.", "auto", TextMode::Streaming, &params)?;
+        while utterance.next_audio(self)?.is_some() {}
+        Ok(())
+    }
+
     /// Encodes a 24 kHz mono reference: x-vector always; with a transcript also the reference
     /// codes (in-context cloning).
     pub fn encode_voice_prompt(&self, samples_24k: &[f32], transcript: Option<&str>) -> Result<VoicePrompt> {
@@ -192,23 +208,31 @@ impl Utterance {
     /// Generates and decodes the next frame: its PCM (1920 samples at 24 kHz), or `None` once
     /// the utterance has ended (`end` says why).
     pub fn next_audio(&mut self, synth: &Synthesizer) -> Result<Option<Tensor>> {
-        if self.end.is_some() {
+        self.next_audio_frames(synth, 1)
+    }
+
+    /// Generates up to `frames` frames (fewer when the utterance ends) and decodes them in one
+    /// decoder step: their PCM, or `None` once nothing is left. The audio equals frame-by-frame
+    /// decoding; a step of several frames costs less per frame (the decoder's weights are read
+    /// once per step), at the price of that many frames of latency.
+    pub fn next_audio_frames(&mut self, synth: &Synthesizer, frames: usize) -> Result<Option<Tensor>> {
+        let first = self.frames.len();
+        while self.end.is_none() && self.frames.len() - first < frames.max(1) {
+            match synth
+                .tts
+                .step(&mut [&mut self.sequence], &[StepInput::Sample], false)?
+                .remove(0)
+            {
+                StepOutcome::End(reason) => self.end = Some(reason),
+                StepOutcome::Frame { codes, .. } => self.frames.push(codes),
+            }
+        }
+        let new = &self.frames[first..];
+        if new.is_empty() {
             return Ok(None);
         }
-        match synth
-            .tts
-            .step(&mut [&mut self.sequence], &[StepInput::Sample], false)?
-            .remove(0)
-        {
-            StepOutcome::End(reason) => {
-                self.end = Some(reason);
-                Ok(None)
-            }
-            StepOutcome::Frame { codes, .. } => {
-                let row = Tensor::new(codes.as_slice(), &synth.tts.device)?.unsqueeze(0)?;
-                self.frames.push(codes);
-                Ok(Some(synth.speech_decoder.step(&mut self.decoder, &row)?))
-            }
-        }
+        let width = new[0].len();
+        let codes = Tensor::from_vec(new.concat(), (new.len(), width), &synth.tts.device)?;
+        Ok(Some(synth.speech_decoder.step(&mut self.decoder, &codes)?))
     }
 }
