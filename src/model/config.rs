@@ -25,6 +25,15 @@ pub fn read_json<T: DeserializeOwned>(file: &Path) -> Result<T> {
     })
 }
 
+/// `cfg` once `check` accepts it; its complaint becomes a config error naming `file`.
+pub fn validated<T>(file: &Path, cfg: T, check: impl FnOnce(&T) -> std::result::Result<(), String>) -> Result<T> {
+    check(&cfg).map_err(|msg| Error::Config {
+        file: file.to_path_buf(),
+        msg,
+    })?;
+    Ok(cfg)
+}
+
 macro_rules! defaults {
     ($($name:ident: $ty:ty = $value:expr;)*) => {
         $(fn $name() -> $ty { $value })*
@@ -197,12 +206,7 @@ impl Qwen3TtsConfig {
 
     /// Loads `config.json` and checks the facts the port relies on.
     pub fn load(file: &Path) -> Result<Self> {
-        let cfg: Self = read_json(file)?;
-        cfg.validate().map_err(|msg| Error::Config {
-            file: file.to_path_buf(),
-            msg,
-        })?;
-        Ok(cfg)
+        validated(file, read_json(file)?, Self::validate)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {

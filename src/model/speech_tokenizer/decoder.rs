@@ -16,8 +16,8 @@
 use super::kernels::{self, ConvTransposeWeights, ConvWeights};
 use super::streaming::{Carry, KvWindow};
 use crate::error::{Error, Result};
-use crate::model::gemv;
 use crate::model::linear::{Linear, WeightFormat};
+use crate::model::{config, gemv};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{Activation, LayerNorm, LayerNormConfig, RmsNorm, VarBuilder};
 use serde::Deserialize;
@@ -115,12 +115,8 @@ impl DecoderConfig {
         struct SpeechTokenizerFile {
             decoder_config: DecoderConfig,
         }
-        let cfg = crate::model::config::read_json::<SpeechTokenizerFile>(file)?.decoder_config;
-        cfg.validate().map_err(|msg| Error::Config {
-            file: file.to_path_buf(),
-            msg,
-        })?;
-        Ok(cfg)
+        let cfg = config::read_json::<SpeechTokenizerFile>(file)?.decoder_config;
+        config::validated(file, cfg, Self::validate)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
