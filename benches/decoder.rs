@@ -68,6 +68,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    koe::fix_thread_count();
     let Some(model) = std::env::var_os("KOE_BENCH_MODEL").map(PathBuf::from) else {
         eprintln!("KOE_BENCH_MODEL is not set: nothing to measure (see the header of benches/decoder.rs)");
         return Ok(());

@@ -16,6 +16,7 @@ use koe::synth::{Synthesizer, SAMPLE_RATE};
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
+    koe::fix_thread_count();
     let Some(model) = std::env::var_os("KOE_BENCH_MODEL").map(PathBuf::from) else {
         eprintln!("KOE_BENCH_MODEL is not set: nothing to measure (see the header of benches/engine.rs)");
         return Ok(());

@@ -18,6 +18,7 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    koe::fix_thread_count();
     let dev = Device::Cpu;
     // One full-size layer's projections: q, k, v, o, gate, up, down ([out, in]).
     let shapes = [

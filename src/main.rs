@@ -119,6 +119,7 @@ struct BenchArgs {
 }
 
 fn main() {
+    koe::fix_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

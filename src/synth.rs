@@ -8,7 +8,7 @@
 
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::model::engine::{EndReason, GenerationParams, Sequence, StepInput, StepOutcome};
+use crate::model::engine::{EndReason, GenerationParams, PromptPrefix, Sequence, StepInput, StepOutcome};
 use crate::model::linear::WeightFormat;
 use crate::model::prompt::{self, IclReference, TextMode, VoicePrompt};
 use crate::model::speaker_encoder::{speaker_embedding, SpeakerEncoder};
@@ -19,7 +19,9 @@ use crate::model::tts::TtsModel;
 use crate::model::weights;
 use crate::voices::{load_prompt, save_prompt, VoiceMode};
 use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Qwen3-TTS-12Hz's audio rate.
 pub const SAMPLE_RATE: u32 = 24_000;
@@ -31,6 +33,9 @@ pub struct Synthesizer {
     pub speech_decoder: SpeechDecoder,
 }
 
+/// A voice's talker prefixes by (codec language id, text mode).
+type PrefixMap = HashMap<(Option<u32>, TextMode), Arc<PromptPrefix>>;
+
 /// An encoded voice, ready for any number of utterances.
 #[derive(Clone)]
 pub struct Voice {
@@ -39,6 +44,9 @@ pub struct Voice {
     pub decoder_state: DecoderState,
     /// The last reference sample the primed decoder produced (see `package_icl_cut`).
     pub ref_tail_sample: f32,
+    /// The talker's keys and values for the voice's prompt rows, per (language, text mode):
+    /// filled by the first utterance of each, so later ones prefill only their own text.
+    prefixes: Arc<Mutex<PrefixMap>>,
 }
 
 impl Voice {
@@ -139,6 +147,7 @@ impl Synthesizer {
             prompt,
             decoder_state,
             ref_tail_sample,
+            prefixes: Default::default(),
         })
     }
 
@@ -186,8 +195,25 @@ impl Synthesizer {
         let language = prompt::language_id(&self.tts, language)?;
         let input_ids = self.tts.tokenizer.encode(&assistant_text(text))?;
         let talker_prompt = prompt::build(&self.tts, &input_ids, &voice.prompt, language, mode)?;
+        let key = (language, mode);
+        let prefix = voice
+            .prefixes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        let sequence = self.tts.start_with_prefix(&talker_prompt, params, prefix.as_deref())?;
+        if prefix.is_none() && talker_prompt.voice_rows > 0 {
+            let rows = talker_prompt.embeds.narrow(0, 0, talker_prompt.voice_rows)?;
+            let prefix = Arc::new(sequence.prompt_prefix(&rows)?);
+            voice
+                .prefixes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key, prefix);
+        }
         Ok(Utterance {
-            sequence: self.tts.start(&talker_prompt, params)?,
+            sequence,
             decoder: voice.decoder_state.clone(),
             frames: Vec::new(),
             end: None,

@@ -10,6 +10,7 @@ mod talker;
 
 use common::{fixture_dirs, Fixture};
 use koe::model::engine::{EndReason, GenerationParams, Sequence, StepInput, StepOutcome};
+use koe::model::prompt::VoicePrompt;
 use koe::model::prompt::{self, TalkerPrompt, TextMode};
 use koe::model::sampling::margin;
 use koe::model::tokenizer::assistant_text;
@@ -68,9 +69,13 @@ struct Alone {
 }
 
 fn run_alone(model: &TtsModel, spec: &Spec) -> Alone {
-    let mut seq = model
+    let seq = model
         .start(&spec.prompt, &GenerationParams::greedy(spec.max_new_tokens))
         .unwrap();
+    run_to_end(model, seq)
+}
+
+fn run_to_end(model: &TtsModel, mut seq: Sequence) -> Alone {
     let (mut frames, mut margins) = (Vec::new(), Vec::new());
     loop {
         match model
@@ -167,4 +172,65 @@ fn ten_sequences_batched_equal_alone() {
         }
     }
     println!("10 sequences batched (max batch {max_batch}): identical to alone, {ties} float ties");
+}
+
+/// A voice's prompt rows prefilled by one utterance serve the next: same voice, language and
+/// mode with another text reuse exactly `voice_rows` rows and give the codes of a full prefill;
+/// another language, mode or voice reuses nothing.
+#[test]
+fn voice_prefix_is_reused_with_the_codes_of_a_full_prefill() {
+    let fx = Fixture::load(&fixture_dirs()[0]);
+    let model = talker::load_model(&fx);
+    let max = fx.json["max_new_tokens"].as_u64().unwrap() as usize;
+    let params = GenerationParams::greedy(max);
+    let build = |text: &str, voice: &VoicePrompt, language: Option<u32>, mode: TextMode| {
+        let ids = model.tokenizer.encode(&assistant_text(text)).unwrap();
+        prompt::build(&model, &ids, voice, language, mode).unwrap()
+    };
+    let english = prompt::language_id(&model, "english").unwrap();
+    for icl in [true, false] {
+        let voice = talker::fixture_voice(&fx, &model, icl);
+        for mode in [TextMode::Streaming, TextMode::NonStreaming] {
+            let first = build("The first utterance of this voice.", &voice, None, mode);
+            let seq = model.start(&first, &params).unwrap();
+            let prefix = seq
+                .prompt_prefix(&first.embeds.narrow(0, 0, first.voice_rows).unwrap())
+                .unwrap();
+            let next = build(
+                "Then another one, longer than the first, with more words.",
+                &voice,
+                None,
+                mode,
+            );
+            assert_eq!(next.voice_rows, first.voice_rows);
+            assert_eq!(
+                prefix.reusable_rows(&next.embeds).unwrap(),
+                next.voice_rows,
+                "icl {icl} {mode:?}"
+            );
+            let full = run_to_end(&model, model.start(&next, &params).unwrap());
+            let reused = run_to_end(&model, model.start_with_prefix(&next, &params, Some(&prefix)).unwrap());
+            match reused.frames.iter().zip(&full.frames).position(|(x, y)| x != y) {
+                Some(f) => assert!(full.margins[f] < TIE_MARGIN, "icl {icl} {mode:?}: frame {f} differs"),
+                None => {
+                    assert_eq!(reused.frames.len(), full.frames.len());
+                    assert_eq!(reused.end, full.end);
+                }
+            }
+            let other_language = build("Then another one.", &voice, english, mode);
+            assert_eq!(prefix.reusable_rows(&other_language.embeds).unwrap(), 0);
+            let other_mode = match mode {
+                TextMode::Streaming => TextMode::NonStreaming,
+                TextMode::NonStreaming => TextMode::Streaming,
+            };
+            let other = build("Then another one.", &voice, None, other_mode);
+            // x-vector prompts of both modes share the role, tag and speaker rows.
+            let expected = if icl { 0 } else { other.voice_rows };
+            assert_eq!(prefix.reusable_rows(&other.embeds).unwrap(), expected);
+            let mut stranger = voice.clone();
+            stranger.speaker_embedding = (&voice.speaker_embedding * 0.5).unwrap();
+            let other_voice = build("Then another one.", &stranger, None, mode);
+            assert_eq!(prefix.reusable_rows(&other_voice.embeds).unwrap(), 0);
+        }
+    }
 }

@@ -116,6 +116,8 @@ pub enum StepOutcome {
 /// One utterance being generated: its KV cache and everything its next step needs.
 pub struct Sequence {
     cache: KvCache,
+    /// The code predictor's cache, emptied each frame; kept so its buffers are reused.
+    cp_cache: KvCache,
     /// Final-norm hidden state of the last talker call, [1, hidden].
     past_hidden: Tensor,
     /// Raw logits of the last talker call, [vocab].
@@ -148,6 +150,43 @@ impl Sequence {
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes()
     }
+
+    /// The keys and values of the prompt's first `embeds.dim(0)` rows (`embeds` being those
+    /// rows), for later prompts that start the same way.
+    pub fn prompt_prefix(&self, embeds: &Tensor) -> Result<PromptPrefix> {
+        Ok(PromptPrefix {
+            embeds: embeds.clone(),
+            cache: self.cache.copy_prefix(embeds.dim(0)?)?,
+        })
+    }
+}
+
+/// The talker's keys and values for the leading rows of a prompt: a voice's rows
+/// (`TalkerPrompt::voice_rows`), computed by its first utterance and reused by the next, which
+/// then prefill only their own rows.
+pub struct PromptPrefix {
+    /// The rows, [L, hidden]: a prompt reuses the prefix only if it starts with exactly these.
+    embeds: Tensor,
+    cache: KvCache,
+}
+
+impl PromptPrefix {
+    /// How many leading rows of `embeds` this prefix covers (0 when they differ), keeping at
+    /// least one row to prefill (its logits pick the first code).
+    pub fn reusable_rows(&self, embeds: &Tensor) -> Result<usize> {
+        let len = self.embeds.dim(0)?.min(embeds.dim(0)?.saturating_sub(1));
+        if len == 0 {
+            return Ok(0);
+        }
+        let host = |t: &Tensor| {
+            t.narrow(0, 0, len)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()
+        };
+        let (ours, theirs) = (host(&self.embeds)?, host(embeds)?);
+        Ok(if ours == theirs { len } else { 0 })
+    }
 }
 
 /// Prefill outputs kept for parity checks.
@@ -161,7 +200,36 @@ pub struct PrefillTrace {
 impl TtsModel {
     /// Prefills the prompt into a new sequence.
     pub fn start(&self, prompt: &TalkerPrompt, params: &GenerationParams) -> Result<Sequence> {
-        Ok(self.start_traced(prompt, params, false)?.0)
+        self.start_with_prefix(prompt, params, None)
+    }
+
+    /// `start`, taking the keys and values of the prompt's leading rows from `prefix` when the
+    /// prompt starts with its rows: only the rest is prefilled.
+    pub fn start_with_prefix(
+        &self,
+        prompt: &TalkerPrompt,
+        params: &GenerationParams,
+        prefix: Option<&PromptPrefix>,
+    ) -> Result<Sequence> {
+        params.validate()?;
+        let reused = match prefix {
+            Some(p) => p.reusable_rows(&prompt.embeds)?,
+            None => 0,
+        };
+        if reused == 0 {
+            return Ok(self.start_traced(prompt, params, false)?.0);
+        }
+        let mut cache = prefix.expect("rows reused from a prefix").cache.copy_prefix(reused)?;
+        let rows = prompt.embeds.dim(0)? - reused;
+        let out = self.talker.forward(
+            &prompt.embeds.narrow(0, reused, rows)?,
+            &mut [SeqRows {
+                rows,
+                cache: &mut cache,
+            }],
+            false,
+        )?;
+        self.new_sequence(prompt, params, cache, out.hidden.narrow(0, rows - 1, 1)?)
     }
 
     /// `start`, also returning each layer's output when `keep_layers`.
@@ -183,10 +251,27 @@ impl TtsModel {
             keep_layers,
         )?;
         let past_hidden = out.hidden.narrow(0, rows - 1, 1)?;
+        let seq = self.new_sequence(prompt, params, cache, past_hidden.clone())?;
+        let trace = PrefillTrace {
+            layers: out.layers,
+            hidden: past_hidden.squeeze(0)?,
+        };
+        Ok((seq, trace))
+    }
+
+    /// A sequence whose prompt is in `cache`, `past_hidden` ([1, hidden]) its last row's output.
+    fn new_sequence(
+        &self,
+        prompt: &TalkerPrompt,
+        params: &GenerationParams,
+        cache: KvCache,
+        past_hidden: Tensor,
+    ) -> Result<Sequence> {
         let logits = self.talker.logits(&past_hidden)?.squeeze(0)?;
-        let seq = Sequence {
+        Ok(Sequence {
             cache,
-            past_hidden: past_hidden.clone(),
+            cp_cache: KvCache::default(),
+            past_hidden,
             logits,
             trailing: prompt.trailing.clone(),
             tts_pad: prompt.tts_pad.reshape((1, ()))?,
@@ -197,12 +282,7 @@ impl TtsModel {
             cp_sampler: Sampler::new(params.code_predictor, params.seed ^ 0x9e37_79b9_7f4a_7c15),
             params: params.clone(),
             ended: None,
-        };
-        let trace = PrefillTrace {
-            layers: out.layers,
-            hidden: past_hidden.squeeze(0)?,
-        };
-        Ok((seq, trace))
+        })
     }
 
     /// Advances each sequence by one frame. `inputs[i]` says how sequence i picks its codes;
@@ -300,7 +380,14 @@ impl TtsModel {
             rows.push(code0_embeds.narrow(0, k, 1)?);
         }
         let mut x = Tensor::cat(&rows, 0)?;
-        let mut caches: Vec<KvCache> = (0..n).map(|_| KvCache::default()).collect();
+        let mut caches: Vec<KvCache> = live
+            .iter()
+            .map(|(i, _, _)| {
+                let mut cache = std::mem::take(&mut seqs[*i].cp_cache);
+                cache.clear();
+                cache
+            })
+            .collect();
         let mut rows_per_seq = 2;
         let mut traced = Vec::new();
         for g in 0..cp.groups() {
@@ -335,6 +422,9 @@ impl TtsModel {
                 x = cp.embed(g + 1, &Tensor::new(ids.as_slice(), &self.device)?)?;
                 rows_per_seq = 1;
             }
+        }
+        for (cache, (i, _, _)) in caches.into_iter().zip(live.iter()) {
+            seqs[*i].cp_cache = cache;
         }
         Ok(traced)
     }

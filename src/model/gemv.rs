@@ -123,7 +123,7 @@ impl<T: Copy> SendPtr<T> {
 }
 
 /// `y[i] = dot(x_i, row)` for every row `x_i` of `x` ([m, k]).
-fn dot_rows<W: WeightElem + avx2::Load>(x: &[f32], k: usize, row: &[W], y: &mut [f32]) {
+pub(crate) fn dot_rows<W: WeightElem + avx2::Load>(x: &[f32], k: usize, row: &[W], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         let mut i = 0;

@@ -47,22 +47,48 @@ enum Projection {
 
 impl Linear {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool, format: WeightFormat) -> Result<Self> {
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Self::load_stacked(&[(vb, out_dim)], in_dim, bias, format)
+    }
+
+    /// One projection whose output is the outputs of `parts` (each a module holding `weight`
+    /// [out, in] and maybe `bias`) side by side, e.g. q, k and v of one input. One matmul
+    /// instead of several: each weight row gives the same output as in its own projection, and
+    /// the input is read (and for quantized weights quantized) once.
+    pub fn load_stacked(
+        parts: &[(VarBuilder, usize)],
+        in_dim: usize,
+        bias: bool,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        let stack = |name: &str, dtype: Option<DType>, with_in: bool| -> Result<Tensor> {
+            let tensors = parts
+                .iter()
+                .map(|(vb, out)| match (with_in, dtype) {
+                    (true, Some(dt)) => vb.get_with_hints_dtype((*out, in_dim), name, Default::default(), dt),
+                    (true, None) => vb.get((*out, in_dim), name),
+                    (false, _) => vb.get(*out, name),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            match tensors.len() {
+                1 => tensors[0].contiguous(),
+                _ => Tensor::cat(&tensors, 0),
+            }
+        };
+        let bias = if bias { Some(stack("bias", None, false)?) } else { None };
         if format == WeightFormat::StoredBf16 {
-            let w = vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::BF16)?;
             return Ok(Self {
-                weight: Projection::Bf16(w.contiguous()?),
+                weight: Projection::Bf16(stack("weight", Some(DType::BF16), true)?),
                 bias,
             });
         }
-        let w = vb.get((out_dim, in_dim), "weight")?;
+        let w = stack("weight", None, true)?;
         let weight = match format {
             // A row narrower than the format's block cannot be quantized: keep it dense.
             WeightFormat::Quantized(q) if in_dim.is_multiple_of(q.block_size()) => {
                 Projection::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, q)?)?)
             }
             // Contiguous [out, in]: the few-row kernel reads the rows in place.
-            _ => Projection::Dense(w.contiguous()?),
+            _ => Projection::Dense(w),
         };
         Ok(Self { weight, bias })
     }

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use candle_core::Tensor;
 
 /// How the target text enters the prompt (`non_streaming_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum TextMode {
     /// Text is added position by position to the codec side; what is left trails one position
     /// per generated frame (the package default).
@@ -41,6 +41,10 @@ pub struct TalkerPrompt {
     pub trailing: Tensor,
     /// `tts_pad` projected, fed once the trailing text is used up, [hidden].
     pub tts_pad: Tensor,
+    /// Leading rows of `embeds` that depend only on the voice, the language and the mode
+    /// (role tokens, codec tags, speaker, and the reference transcript's rows): their keys and
+    /// values can be computed once per voice and reused (`engine::PromptPrefix`).
+    pub voice_rows: usize,
 }
 
 /// The codec language id for a language name (`auto` → none).
@@ -107,7 +111,7 @@ pub fn build(
     let head = (text_side + codec.narrow(0, 0, codec_len - 1)?)?;
 
     let text_ids = &input_ids[3..input_ids.len() - 5];
-    let (tail, trailing) = match &voice.icl {
+    let (tail, trailing, tail_voice_rows) = match &voice.icl {
         Some(icl) => icl_part(model, text_ids, icl, &tts_pad, &tts_eos, mode)?,
         None => match mode {
             TextMode::Streaming => {
@@ -118,24 +122,26 @@ pub fn build(
                 } else {
                     Tensor::cat(&[&talker.embed_text(rest)?, &tts_eos], 0)?
                 };
-                (first, trailing)
+                (first, trailing, 0)
             }
             TextMode::NonStreaming => {
                 let text = Tensor::cat(&[&talker.embed_text(text_ids)?, &tts_eos], 0)?;
                 let pads = talker.embed_codec(&vec![tc.codec_pad_id; text_ids.len() + 1])?;
                 let tail = Tensor::cat(&[&(text + pads)?, &(&tts_pad + &codec_bos)?], 0)?;
-                (tail, tts_pad.clone())
+                (tail, tts_pad.clone(), 0)
             }
         },
     };
     Ok(TalkerPrompt {
+        voice_rows: role.dim(0)? + head.dim(0)? + tail_voice_rows,
         embeds: Tensor::cat(&[&role, &head, &tail], 0)?,
         trailing,
         tts_pad: tts_pad.squeeze(0)?,
     })
 }
 
-/// `generate_icl_prompt`: (prompt tail, trailing text).
+/// `generate_icl_prompt`: (prompt tail, trailing text, leading tail rows made of the reference
+/// alone).
 fn icl_part(
     model: &TtsModel,
     text_ids: &[u32],
@@ -143,7 +149,7 @@ fn icl_part(
     tts_pad: &Tensor,
     tts_eos: &Tensor,
     mode: TextMode,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, usize)> {
     let talker = &model.talker;
     let tc = &model.config.talker_config;
     let n = icl.text_ids.len();
@@ -152,6 +158,7 @@ fn icl_part(
             "the reference transcript encodes to nothing".into(),
         ));
     }
+    let ref_rows = n - 5;
     let ids: Vec<u32> = icl.text_ids[3..n - 2].iter().chain(text_ids).copied().collect();
     let text = Tensor::cat(&[&talker.embed_text(&ids)?, tts_eos], 0)?;
     let codec = Tensor::cat(
@@ -166,16 +173,18 @@ fn icl_part(
         TextMode::NonStreaming => {
             let pads = talker.embed_codec(&vec![tc.codec_pad_id; text_len])?;
             let tail = Tensor::cat(&[&(text + pads)?, &codec.broadcast_add(tts_pad)?], 0)?;
-            (tail, tts_pad.clone())
+            (tail, tts_pad.clone(), ref_rows)
         }
+        // Row i is text i + codec i: the reference transcript's rows come first.
         TextMode::Streaming if text_len > codec_len => {
             let tail = (text.narrow(0, 0, codec_len)? + codec)?;
-            (tail, text.narrow(0, codec_len, text_len - codec_len)?)
+            let trailing = text.narrow(0, codec_len, text_len - codec_len)?;
+            (tail, trailing, ref_rows.min(codec_len))
         }
-        TextMode::Streaming if text_len == codec_len => ((text + codec)?, tts_pad.clone()),
+        TextMode::Streaming if text_len == codec_len => ((text + codec)?, tts_pad.clone(), ref_rows),
         TextMode::Streaming => {
             let padded = Tensor::cat(&[&text, &tts_pad.repeat((codec_len - text_len, 1))?], 0)?;
-            ((padded + codec)?, tts_pad.clone())
+            ((padded + codec)?, tts_pad.clone(), ref_rows)
         }
     })
 }

@@ -9,8 +9,10 @@
 //! `KvCache` per sequence. Weight matmuls run once over all rows; attention runs per sequence
 //! against its own cache, so sequences of different lengths need no padding.
 
+use super::attention::{self, CachedRows, Heads};
+use super::gemv;
 use super::linear::{Linear, WeightFormat};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 
 /// Sizes of one decoder stack.
@@ -82,8 +84,39 @@ impl KvCache {
             .sum()
     }
 
-    /// Appends `k`, `v` ([kv_heads, n, head_dim]) to layer `i`; returns views of the whole history.
-    fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// A copy of the first `len` positions with buffers of its own (a clone would share them,
+    /// and `append` writes in place).
+    pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (kv_heads, _, head_dim) = l.k.dims3()?;
+                let cap = len.max(64).next_power_of_two();
+                let copy = |t: &Tensor| -> Result<Tensor> {
+                    let buffer = Tensor::zeros((kv_heads, cap, head_dim), t.dtype(), t.device())?;
+                    buffer.slice_set(&t.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                    Ok(buffer)
+                };
+                Ok(LayerKv {
+                    k: copy(&l.k)?,
+                    v: copy(&l.v)?,
+                    len,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Forgets every position, keeping the buffers (the code predictor's per-frame cache).
+    pub fn clear(&mut self) {
+        for layer in &mut self.layers {
+            layer.len = 0;
+        }
+    }
+
+    /// Appends `k`, `v` ([kv_heads, n, head_dim]) to layer `i`.
+    fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let (kv_heads, n, head_dim) = k.dims3()?;
         if self.layers.len() <= i {
             let cap = (n.max(64)).next_power_of_two();
@@ -110,6 +143,12 @@ impl KvCache {
         layer.k.slice_set(&k.contiguous()?, 1, layer.len)?;
         layer.v.slice_set(&v.contiguous()?, 1, layer.len)?;
         layer.len += n;
+        Ok(())
+    }
+
+    /// Views of layer `i`'s whole history, [kv_heads, len, head_dim] each.
+    fn history(&self, i: usize) -> Result<(Tensor, Tensor)> {
+        let layer = &self.layers[i];
         Ok((layer.k.narrow(1, 0, layer.len)?, layer.v.narrow(1, 0, layer.len)?))
     }
 }
@@ -144,9 +183,8 @@ impl Rope {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj stacked: [N, (heads + 2·kv_heads)·head_dim] out.
+    qkv_proj: Linear,
     o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
@@ -157,8 +195,9 @@ struct Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj and up_proj stacked: [N, 2·intermediate] out.
+    gate_up_proj: Linear,
+    intermediate: usize,
     down_proj: Linear,
 }
 
@@ -207,9 +246,16 @@ impl Decoder {
             layers.push(Layer {
                 input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
                 self_attn: Attention {
-                    q_proj: Linear::load(at.pp("q_proj"), h, cfg.num_heads * hd, b, format)?,
-                    k_proj: Linear::load(at.pp("k_proj"), h, cfg.num_kv_heads * hd, b, format)?,
-                    v_proj: Linear::load(at.pp("v_proj"), h, cfg.num_kv_heads * hd, b, format)?,
+                    qkv_proj: Linear::load_stacked(
+                        &[
+                            (at.pp("q_proj"), cfg.num_heads * hd),
+                            (at.pp("k_proj"), cfg.num_kv_heads * hd),
+                            (at.pp("v_proj"), cfg.num_kv_heads * hd),
+                        ],
+                        h,
+                        b,
+                        format,
+                    )?,
                     o_proj: Linear::load(at.pp("o_proj"), cfg.num_heads * hd, h, b, format)?,
                     q_norm: RmsNorm::load(at.pp("q_norm"), hd, cfg.rms_norm_eps)?,
                     k_norm: RmsNorm::load(at.pp("k_norm"), hd, cfg.rms_norm_eps)?,
@@ -219,8 +265,16 @@ impl Decoder {
                 },
                 post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
                 mlp: Mlp {
-                    gate_proj: Linear::load(mlp.pp("gate_proj"), h, cfg.intermediate_size, false, format)?,
-                    up_proj: Linear::load(mlp.pp("up_proj"), h, cfg.intermediate_size, false, format)?,
+                    gate_up_proj: Linear::load_stacked(
+                        &[
+                            (mlp.pp("gate_proj"), cfg.intermediate_size),
+                            (mlp.pp("up_proj"), cfg.intermediate_size),
+                        ],
+                        h,
+                        false,
+                        format,
+                    )?,
+                    intermediate: cfg.intermediate_size,
                     down_proj: Linear::load(mlp.pp("down_proj"), cfg.intermediate_size, h, false, format)?,
                 },
             });
@@ -267,8 +321,10 @@ impl Decoder {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate_up = self.gate_up_proj.forward(x)?;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
+        self.down_proj
+            .forward(&(gate * gate_up.narrow(1, self.intermediate, self.intermediate)?)?)
     }
 }
 
@@ -277,24 +333,75 @@ impl Attention {
         let n = x.dim(0)?;
         let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
         // [N, heads, 1, head_dim]: one rope "batch" per row, each with its own position.
-        let q = self.q_norm.forward(&self.q_proj.forward(x)?.reshape((n, nh, 1, hd))?)?;
+        let qkv = self.qkv_proj.forward(x)?;
+        let q = self
+            .q_norm
+            .forward(&qkv.narrow(1, 0, nh * hd)?.reshape((n, nh, 1, hd))?)?;
         let k = self
             .k_norm
-            .forward(&self.k_proj.forward(x)?.reshape((n, nkv, 1, hd))?)?;
-        let v = self.v_proj.forward(x)?.reshape((n, nkv, hd))?;
+            .forward(&qkv.narrow(1, nh * hd, nkv * hd)?.reshape((n, nkv, 1, hd))?)?;
+        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(2)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(2)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let rep = nh / nkv;
-
-        let mut outs = Vec::with_capacity(seqs.len());
+        let mut pasts = Vec::with_capacity(seqs.len());
         let mut start = 0;
         for s in seqs.iter_mut() {
+            pasts.push(s.cache.layers.get(layer).map_or(0, |l| l.len));
+            let k_new = k.narrow(0, start, s.rows)?.transpose(0, 1)?;
+            let v_new = v.narrow(0, start, s.rows)?.transpose(0, 1)?;
+            s.cache.append(layer, &k_new, &v_new)?;
+            start += s.rows;
+        }
+        let few_rows = seqs.iter().all(|s| s.rows <= gemv::MAX_ROWS);
+        let o = if few_rows && x.device().is_cpu() && x.dtype() == DType::F32 {
+            self.attend_cpu(&q, layer, seqs, &pasts, scale as f32)?
+        } else {
+            self.attend_ops(&q, layer, seqs, &pasts, scale)?
+        };
+        self.o_proj.forward(&o)
+    }
+
+    /// Decode steps on CPU: the attention kernel, reading each cache in place.
+    fn attend_cpu(&self, q: &Tensor, layer: usize, seqs: &[SeqRows], pasts: &[usize], scale: f32) -> Result<Tensor> {
+        let n = q.dim(0)?;
+        let q = q.contiguous()?;
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let q_all = cpu_f32(&q_storage)?;
+        let q_rows = &q_all[q_layout.start_offset()..q_layout.start_offset() + q.elem_count()];
+        let mut buffers = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let l = &s.cache.layers[layer];
+            buffers.push((l.k.storage_and_layout().0, l.v.storage_and_layout().0, l.k.dim(1)?));
+        }
+        let mut cached = Vec::with_capacity(seqs.len());
+        for ((s, &past), (k, v, capacity)) in seqs.iter().zip(pasts).zip(&buffers) {
+            cached.push(CachedRows {
+                keys: cpu_f32(k)?,
+                values: cpu_f32(v)?,
+                capacity: *capacity,
+                past,
+                rows: s.rows,
+            });
+        }
+        let shape = Heads {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        };
+        let out = attention::attend(q_rows, &cached, shape, scale);
+        Tensor::from_vec(out, (n, self.num_heads * self.head_dim), &Device::Cpu)
+    }
+
+    /// Any device, any row count: candle ops per sequence.
+    fn attend_ops(&self, q: &Tensor, layer: usize, seqs: &[SeqRows], pasts: &[usize], scale: f64) -> Result<Tensor> {
+        let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
+        let rep = nh / nkv;
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for (s, &past) in seqs.iter().zip(pasts) {
             let rows = s.rows;
-            let past = s.cache.layers.get(layer).map_or(0, |l| l.len);
-            let k_new = k.narrow(0, start, rows)?.transpose(0, 1)?;
-            let v_new = v.narrow(0, start, rows)?.transpose(0, 1)?;
-            let (k_all, v_all) = s.cache.append(layer, &k_new, &v_new)?;
+            let (k_all, v_all) = s.cache.history(layer)?;
             // Query heads h = g·rep + r share key/value head g (repeat_kv): group them so one
             // batched matmul per kv head covers its `rep` query heads without copying keys.
             let q_seq = q
@@ -304,7 +411,7 @@ impl Attention {
                 .reshape((nkv, rep * rows, hd))?;
             let mut att = (q_seq.matmul(&k_all.t()?)? * scale)?;
             if rows > 1 {
-                att = att.broadcast_add(&causal_mask(rep, rows, past, att.dtype(), x.device())?)?;
+                att = att.broadcast_add(&causal_mask(rep, rows, past, att.dtype(), q.device())?)?;
             }
             let att = candle_nn::ops::softmax_last_dim(&att)?;
             let o = att.matmul(&v_all.contiguous()?)?; // [kv, rep*rows, hd]
@@ -312,12 +419,19 @@ impl Attention {
             outs.push(o);
             start += rows;
         }
-        let o = if outs.len() == 1 {
-            outs.pop().unwrap()
+        if outs.len() == 1 {
+            Ok(outs.pop().unwrap())
         } else {
-            Tensor::cat(&outs, 0)?
-        };
-        self.o_proj.forward(&o)
+            Tensor::cat(&outs, 0)
+        }
+    }
+}
+
+/// The f32 data of a CPU storage.
+fn cpu_f32(storage: &Storage) -> Result<&[f32]> {
+    match storage {
+        Storage::Cpu(c) => c.as_slice::<f32>(),
+        _ => candle_core::bail!("the attention kernel runs on CPU"),
     }
 }
 
