@@ -1,11 +1,14 @@
 //! The decode-step projection side by side, in one process: candle's matmul (gemm) on f32
 //! weights, koe's row kernel on the same f32 weights, and the row kernel on bf16 weights, for
-//! the talker's and code predictor's shapes at 1 and 10 rows.
+//! the talker's and code predictor's shapes at 1 and 10 rows; then Q8_0: candle's `QMatMul`
+//! against koe's AVX2 kernel (`model::q8`) at 1, 10 and 48 rows.
 //!
 //! cargo bench --bench kernels
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use koe::model::gemv::matmul_wt;
+use koe::model::q8::Q8Weight;
 use std::time::Instant;
 
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -89,6 +92,49 @@ fn main() -> anyhow::Result<()> {
             gemm / f32k,
             gemm / bf16k
         );
+    }
+
+    let candle_q8: Vec<Vec<QMatMul>> = weights
+        .iter()
+        .map(|l| {
+            l.iter()
+                .map(|w| QMatMul::from_qtensor(QTensor::quantize(w, GgmlDType::Q8_0)?))
+                .collect()
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let koe_q8: Vec<Vec<Q8Weight>> = host_f32
+        .iter()
+        .map(|l| {
+            l.iter()
+                .zip(&shapes)
+                .map(|(w, &(o, i))| Q8Weight::quantize(w, o, i).expect("whole Q8_0 blocks"))
+                .collect()
+        })
+        .collect();
+    println!();
+    println!("| rows | candle Q8_0 | koe Q8_0 (AVX2) | candle ÷ koe |");
+    println!("|---|---|---|---|");
+    for rows in [1usize, 10, 48] {
+        let xs: Vec<Tensor> = shapes
+            .iter()
+            .map(|&(_, i)| Tensor::randn(0f32, 1.0, (rows, i), &dev))
+            .collect::<candle_core::Result<_>>()?;
+        let xh: Vec<Vec<f32>> = xs.iter().map(|x| x.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        let candle = time(3, || {
+            for l in &candle_q8 {
+                for (w, x) in l.iter().zip(&xs) {
+                    w.forward(x).unwrap();
+                }
+            }
+        });
+        let ours = time(3, || {
+            for l in &koe_q8 {
+                for (w, x) in l.iter().zip(&xh) {
+                    w.matmul_wt(x, rows);
+                }
+            }
+        });
+        println!("| {rows} | {candle:.1} ms | {ours:.1} ms | {:.2}× |", candle / ours);
     }
     Ok(())
 }

@@ -202,6 +202,12 @@ impl Synthesizer {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&key)
             .cloned();
+        tracing::debug!(
+            rows = talker_prompt.embeds.dim(0)?,
+            voice_rows = talker_prompt.voice_rows,
+            prefix_cached = prefix.is_some(),
+            "prefill"
+        );
         let sequence = self.tts.start_with_prefix(&talker_prompt, params, prefix.as_deref())?;
         if prefix.is_none() && talker_prompt.voice_rows > 0 {
             let rows = talker_prompt.embeds.narrow(0, 0, talker_prompt.voice_rows)?;

@@ -42,15 +42,20 @@ impl WeightElem for half::bf16 {
 pub fn matmul_wt<W: WeightElem + avx2::Load>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
-    // yt[j·m + i] = dot(x_i, w_j): each task owns whole weight rows.
+    by_weight_rows(m, n, |j, y| dot_rows(x, k, &w[j * k..(j + 1) * k], y))
+}
+
+/// `[m, n]` row-major from `dot(j, y)`, which writes weight row `j`'s products with all `m`
+/// input rows into `y`. Tasks own whole blocks of weight rows, so a weight row is streamed
+/// from memory once whatever `m` is.
+pub(crate) fn by_weight_rows(m: usize, n: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    // yt[j·m + i] = dot(x_i, w_j)
     let mut yt = vec![0f32; n * m];
     yt.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
         .for_each(|(task, out)| {
-            let j0 = task * ROWS_PER_TASK;
             for (jj, y) in out.chunks_mut(m).enumerate() {
-                let row = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
-                dot_rows(x, k, row, y);
+                dot(task * ROWS_PER_TASK + jj, y);
             }
         });
     if m == 1 {

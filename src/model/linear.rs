@@ -1,6 +1,7 @@
 //! Weight projections: dense (the parity mode) or quantized at load (`--dtype q8_0|q4_k`).
 
 use super::gemv;
+use super::q8::{self, Q8Weight};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
@@ -43,6 +44,8 @@ enum Projection {
     /// [out, in] bf16 on CPU.
     Bf16(Tensor),
     Quantized(QMatMul),
+    /// Q8_0 through koe's AVX2 kernel, where it beats candle's (`q8::preferred`).
+    Q8(Q8Weight),
 }
 
 impl Linear {
@@ -83,6 +86,13 @@ impl Linear {
         }
         let w = stack("weight", None, true)?;
         let weight = match format {
+            WeightFormat::Quantized(GgmlDType::Q8_0) if w.device().is_cpu() && q8::preferred() => {
+                let host = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                match Q8Weight::quantize(&host, w.dim(0)?, in_dim) {
+                    Some(q) => Projection::Q8(q),
+                    None => Projection::Dense(w),
+                }
+            }
             // A row narrower than the format's block cannot be quantized: keep it dense.
             WeightFormat::Quantized(q) if in_dim.is_multiple_of(q.block_size()) => {
                 Projection::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, q)?)?)
@@ -94,7 +104,7 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Projection::Quantized(_))
+        matches!(self.weight, Projection::Quantized(_) | Projection::Q8(_))
     }
 }
 
@@ -136,6 +146,12 @@ impl Module for Linear {
             .map_or_else(|| x.matmul(&w.t()?), Ok)?,
             Projection::Bf16(w) => cpu_rows(x, w)?.expect("bf16 weights are kept only on CPU"),
             Projection::Quantized(q) => q.forward(x)?,
+            Projection::Q8(q) => {
+                let (m, k) = x.dims2()?;
+                let x = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                debug_assert_eq!(k, q.in_dim());
+                Tensor::from_vec(q.matmul_wt(&x, m), (m, q.out_dim()), &Device::Cpu)?
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

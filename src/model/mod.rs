@@ -7,6 +7,7 @@ pub mod gemv;
 pub mod hub;
 pub mod linear;
 pub mod prompt;
+pub mod q8;
 pub mod sampling;
 pub mod speaker_encoder;
 pub mod speech_tokenizer;
