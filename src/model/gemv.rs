@@ -83,34 +83,43 @@ pub fn matmul_wt_widened<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], 
     (0..n.div_ceil(tile_rows)).into_par_iter().for_each(|tile| {
         let j0 = tile * tile_rows;
         let rows = tile_rows.min(n - j0);
-        let widened: Vec<f32> = w[j0 * k..(j0 + rows) * k].iter().map(|v| v.to_f32()).collect();
-        // SAFETY: `y` is [m, n] row-major and this task writes only its columns j0..j0+rows;
-        // `x` is [m, k] and `widened` [rows, k], read as its transpose [k, rows].
-        unsafe {
-            gemm(
-                m,
-                rows,
-                k,
-                out.get().add(j0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                widened.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
+        WIDENED.with_borrow_mut(|widened| {
+            widened.clear();
+            widened.extend(w[j0 * k..(j0 + rows) * k].iter().map(|v| v.to_f32()));
+            // SAFETY: `y` is [m, n] row-major and this task writes only its columns j0..j0+rows;
+            // `x` is [m, k] and `widened` [rows, k], read as its transpose [k, rows].
+            unsafe {
+                gemm(
+                    m,
+                    rows,
+                    k,
+                    out.get().add(j0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    widened.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
     });
     y
+}
+
+thread_local! {
+    /// A tile of widened weights per worker thread, reused: a fresh allocation of this size is
+    /// a fresh mapping from the kernel, paid in page faults on every tile.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A raw pointer shared by parallel tasks that write disjoint regions of one buffer.
