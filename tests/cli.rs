@@ -7,11 +7,12 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("koe-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory, removed when the returned guard drops.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("koe-cli-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// A voice directory holding `clip` with the fixture's transcript (or none).
@@ -49,9 +50,10 @@ fn say(voice: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn say_greedy_equals_the_package_waveform() {
-    let root = scratch("say");
+    let tmp = scratch("say");
+    let root = tmp.path();
     let clip = std::fs::read(fixture().join("reference.wav")).unwrap();
-    let voice = voice_dir(&root, &clip, Some("She sells sea shells by the sea shore."));
+    let voice = voice_dir(root, &clip, Some("She sells sea shells by the sea shore."));
     let out = root.join("out.wav");
     let run = say(&voice, &out, &[]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
@@ -108,9 +110,10 @@ fn say_greedy_equals_the_package_waveform() {
 
 #[test]
 fn say_to_stdout_streams_a_wav() {
-    let root = scratch("stdout");
+    let tmp = scratch("stdout");
+    let root = tmp.path();
     let clip = std::fs::read(fixture().join("reference.wav")).unwrap();
-    let voice = voice_dir(&root, &clip, Some("She sells sea shells by the sea shore."));
+    let voice = voice_dir(root, &clip, Some("She sells sea shells by the sea shore."));
     let run = say(&voice, Path::new("-"), &["--x-vector-only"]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(&run.stdout[..4], b"RIFF");
@@ -119,7 +122,8 @@ fn say_to_stdout_streams_a_wav() {
 
 #[test]
 fn bad_voices_fail_clearly_and_write_nothing() {
-    let root = scratch("bad");
+    let tmp = scratch("bad");
+    let root = tmp.path();
     let good = std::fs::read(fixture().join("reference.wav")).unwrap();
     // 0.1 s of 24 kHz int16 silence.
     let mut short = Vec::new();
@@ -147,8 +151,9 @@ fn bad_voices_fail_clearly_and_write_nothing() {
         ("notranscript", good.clone(), None, "transcript"),
     ];
     for (name, clip, transcript, needle) in cases {
-        let dir = scratch(&format!("bad-{name}"));
-        let voice = voice_dir(&dir, &clip, transcript);
+        let tmp = scratch(&format!("bad-{name}"));
+        let dir = tmp.path();
+        let voice = voice_dir(dir, &clip, transcript);
         let out = dir.join("out.wav");
         let run = say(&voice, &out, &[]);
         let stderr = String::from_utf8_lossy(&run.stderr);

@@ -14,17 +14,20 @@ fn checkpoint() -> PathBuf {
 }
 
 /// A scratch copy of the tiny checkpoint's top-level files (the speech tokenizer is not needed).
-fn scratch_checkpoint(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("koe-errors-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// Removed when the returned guard drops.
+fn scratch_checkpoint(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("koe-errors-{name}-"))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     for entry in std::fs::read_dir(checkpoint()).unwrap() {
         let entry = entry.unwrap();
         if entry.file_type().unwrap().is_file() {
             std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
         }
     }
-    dir
+    tmp
 }
 
 fn load(dir: &Path) -> koe::Result<TtsModel> {
@@ -66,11 +69,12 @@ fn unknown_language() {
 
 #[test]
 fn missing_tensor_names_tensor_and_file() {
-    let dir = scratch_checkpoint("missing");
-    rewrite_weights(&dir, |t| {
+    let tmp = scratch_checkpoint("missing");
+    let dir = tmp.path();
+    rewrite_weights(dir, |t| {
         t.remove("talker.model.layers.1.mlp.up_proj.weight").unwrap();
     });
-    let err = load(&dir)
+    let err = load(dir)
         .err()
         .expect("a checkpoint with a missing tensor must not load");
     let msg = err.to_string();
@@ -81,8 +85,9 @@ fn missing_tensor_names_tensor_and_file() {
 
 #[test]
 fn wrong_shape_names_tensor_and_shapes() {
-    let dir = scratch_checkpoint("shape");
-    rewrite_weights(&dir, |t| {
+    let tmp = scratch_checkpoint("shape");
+    let dir = tmp.path();
+    rewrite_weights(dir, |t| {
         let name = "talker.code_predictor.lm_head.3.weight";
         let (rows, cols) = t[name].dims2().unwrap();
         t.insert(
@@ -90,38 +95,40 @@ fn wrong_shape_names_tensor_and_shapes() {
             Tensor::zeros((rows + 1, cols), t[name].dtype(), &Device::Cpu).unwrap(),
         );
     });
-    let msg = load(&dir).err().expect("a wrong shape must not load").to_string();
+    let msg = load(dir).err().expect("a wrong shape must not load").to_string();
     assert!(msg.contains("lm_head.3.weight") && msg.contains("shape"), "{msg}");
 }
 
 #[test]
 fn malformed_config_names_file() {
-    let dir = scratch_checkpoint("config");
+    let tmp = scratch_checkpoint("config");
+    let dir = tmp.path();
     std::fs::write(
         dir.join("config.json"),
         "{ \"talker_config\": { \"hidden_size\": \"wide\" } }",
     )
     .unwrap();
-    let err = load(&dir).err().expect("a malformed config must not load");
+    let err = load(dir).err().expect("a malformed config must not load");
     assert!(matches!(err, Error::Config { .. }));
     let msg = err.to_string();
     assert!(msg.contains("config.json") && msg.contains("hidden_size"), "{msg}");
 
     std::fs::write(dir.join("config.json"), "not json").unwrap();
-    assert!(matches!(load(&dir), Err(Error::Config { .. })));
+    assert!(matches!(load(dir), Err(Error::Config { .. })));
 
     // Inconsistent sizes are caught before any weight is read.
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(checkpoint().join("config.json")).unwrap()).unwrap();
     cfg["talker_config"]["num_key_value_heads"] = 3.into();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let msg = load(&dir).err().unwrap().to_string();
+    let msg = load(dir).err().unwrap().to_string();
     assert!(msg.contains("key/value heads"), "{msg}");
 }
 
 #[test]
 fn sparse_config_takes_package_defaults() {
-    let dir = scratch_checkpoint("sparse");
+    let tmp = scratch_checkpoint("sparse");
+    let dir = tmp.path();
     std::fs::write(dir.join("config.json"), "{}").unwrap();
     let cfg = koe::model::config::Qwen3TtsConfig::load(&dir.join("config.json")).unwrap();
     assert_eq!(cfg.talker_config.hidden_size, 1024);
@@ -131,9 +138,8 @@ fn sparse_config_takes_package_defaults() {
 
 #[test]
 fn offline_and_not_cached_is_one_clear_error() {
-    let empty = std::env::temp_dir().join(format!("koe-empty-hf-cache-{}", std::process::id()));
-    std::fs::create_dir_all(&empty).unwrap();
-    std::env::set_var("HF_HOME", &empty);
+    let empty = tempfile::tempdir().unwrap();
+    std::env::set_var("HF_HOME", empty.path());
     let started = std::time::Instant::now();
     let err = hub::resolve(hub::DEFAULT_MODEL, true).unwrap_err();
     assert!(
@@ -156,9 +162,8 @@ fn offline_and_not_cached_is_one_clear_error() {
 
 #[test]
 fn bad_settings_are_rejected_with_their_key() {
-    let dir = std::env::temp_dir().join(format!("koe-settings-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("bad.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
     for (text, needle) in [
         ("[limits]\nmax_text_chars = 0\n", "max_text_chars"),
         ("[limits]\nmin_ref_seconds = 40.0\n", "min_ref_seconds"),
