@@ -129,10 +129,6 @@ impl Q8Weight {
         })
     }
 
-    pub fn in_dim(&self) -> usize {
-        self.rows.k
-    }
-
     pub fn out_dim(&self) -> usize {
         self.n
     }
