@@ -20,6 +20,19 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     t.elapsed().as_secs_f64() * 1e3 / reps as f64
 }
 
+/// `rows` random input rows for each projection's input width, as tensors and as host vectors.
+fn inputs(shapes: &[(usize, usize)], rows: usize) -> candle_core::Result<(Vec<Tensor>, Vec<Vec<f32>>)> {
+    let xs: Vec<Tensor> = shapes
+        .iter()
+        .map(|&(_, i)| Tensor::randn(0f32, 1.0, (rows, i), &Device::Cpu))
+        .collect::<candle_core::Result<_>>()?;
+    let xh = xs
+        .iter()
+        .map(|x| x.flatten_all()?.to_vec1())
+        .collect::<candle_core::Result<_>>()?;
+    Ok((xs, xh))
+}
+
 fn main() -> anyhow::Result<()> {
     koe::fix_thread_count();
     let dev = Device::Cpu;
@@ -60,11 +73,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     for rows in [1usize, 10] {
-        let xs: Vec<Tensor> = shapes
-            .iter()
-            .map(|&(_, i)| Tensor::randn(0f32, 1.0, (rows, i), &dev))
-            .collect::<candle_core::Result<_>>()?;
-        let xh: Vec<Vec<f32>> = xs.iter().map(|x| x.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        let (xs, xh) = inputs(&shapes, rows)?;
         let gemm = time(3, || {
             for l in &weights {
                 for (w, x) in l.iter().zip(&xs) {
@@ -124,11 +133,7 @@ fn main() -> anyhow::Result<()> {
     println!("| rows | candle Q8_0 | koe Q8_0 (AVX2) | candle ÷ koe |");
     println!("|---|---|---|---|");
     for rows in [1usize, 10, 48] {
-        let xs: Vec<Tensor> = shapes
-            .iter()
-            .map(|&(_, i)| Tensor::randn(0f32, 1.0, (rows, i), &dev))
-            .collect::<candle_core::Result<_>>()?;
-        let xh: Vec<Vec<f32>> = xs.iter().map(|x| x.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        let (xs, xh) = inputs(&shapes, rows)?;
         let candle = time(3, || {
             for l in &candle_q8 {
                 for (w, x) in l.iter().zip(&xs) {

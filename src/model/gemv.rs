@@ -162,7 +162,7 @@ pub(crate) fn dot_rows<W: WeightElem + avx2::Load>(x: &[f32], k: usize, row: &[W
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::WeightElem;
     use std::arch::x86_64::*;
 
@@ -189,6 +189,15 @@ mod avx2 {
         }
     }
 
+    /// The sum of the 8 lanes of `v`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
     /// `y[r] = dot(x[r·k..], row)` for `R` consecutive rows of `x`, two 8-wide FMA chains
     /// per row so the loads, not the FMA latency, bound the loop.
     #[target_feature(enable = "avx2,fma")]
@@ -209,12 +218,7 @@ mod avx2 {
             c += 16;
         }
         for (r, a) in acc.iter().enumerate() {
-            let v = _mm256_add_ps(a[0], a[1]);
-            let hi = _mm256_extractf128_ps(v, 1);
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), hi);
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            let mut total = _mm_cvtss_f32(s);
+            let mut total = hsum(_mm256_add_ps(a[0], a[1]));
             for t in c..k {
                 total += *xp.add(r * k + t) * (*wp.add(t)).to_f32();
             }

@@ -195,6 +195,7 @@ fn dot_portable(x: &[i8], x_scales: &[f32], w: &[i8], w_scales: &[f32], y: &mut 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::BLOCK;
+    use crate::model::gemv::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// `y[r] = Σ_b dx_rb · dw_b · Σ_{i∈b} xq_ri · wq_i` for `R` input rows and one weight row.
@@ -222,11 +223,7 @@ mod avx2 {
             }
         }
         for (r, a) in acc.iter().enumerate() {
-            let hi = _mm256_extractf128_ps(*a, 1);
-            let s = _mm_add_ps(_mm256_castps256_ps128(*a), hi);
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            y[r] = _mm_cvtss_f32(s);
+            y[r] = hsum(*a);
         }
     }
 }
