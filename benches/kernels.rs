@@ -7,9 +7,12 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use koe::model::gemv::matmul_wt;
+use koe::model::gemv::{matmul_wt, matmul_wt_widened};
 use koe::model::q8::Q8Weight;
 use std::time::Instant;
+
+/// `x Wᵀ` from `(x, m, k, w, n)`: the two bf16 paths of the prefill table.
+type RowsProduct = fn(&[f32], usize, usize, &[half::bf16], usize) -> Vec<f32>;
 
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -100,6 +103,28 @@ fn main() -> anyhow::Result<()> {
             "| {rows} | {gemm:.1} ms | {f32k:.1} ms | {bf16k:.1} ms | {:.2}× | {:.2}× |",
             gemm / f32k,
             gemm / bf16k
+        );
+    }
+
+    // Prefill-sized row counts against bf16 weights: the row kernel or gemm over widened tiles.
+    println!();
+    println!("| rows | row kernel bf16 | widened gemm bf16 | gemm ÷ kernel |");
+    println!("|---|---|---|---|");
+    for rows in [16usize, 33, 48, 96] {
+        let (_, xh) = inputs(&shapes, rows)?;
+        let run = |f: RowsProduct| {
+            time(3, || {
+                for l in &host_bf16 {
+                    for ((w, x), &(o, i)) in l.iter().zip(&xh).zip(&shapes) {
+                        f(x, rows, i, w, o);
+                    }
+                }
+            })
+        };
+        let (kernel, widened) = (run(matmul_wt), run(matmul_wt_widened));
+        println!(
+            "| {rows} | {kernel:.1} ms | {widened:.1} ms | {:.2}× |",
+            widened / kernel
         );
     }
 

@@ -125,7 +125,7 @@ fn cpu_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     };
     let xv = &xs.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + m * k];
     let (start, end) = (wl.start_offset(), wl.start_offset() + n * k);
-    let few = m <= gemv::MAX_ROWS;
+    let few = m <= gemv::PROJECTION_ROWS;
     let y = match w.dtype() {
         DType::F32 => gemv::matmul_wt(xv, m, k, &ws.as_slice::<f32>()?[start..end], n),
         DType::BF16 if few => gemv::matmul_wt(xv, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
@@ -138,8 +138,8 @@ fn cpu_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            // Few rows (decode steps): the row kernel; many rows (prefill): gemm.
-            Projection::Dense(w) => match x.dim(0)? <= gemv::MAX_ROWS {
+            // Up to a long prefill: the row kernel; more rows: gemm.
+            Projection::Dense(w) => match x.dim(0)? <= gemv::PROJECTION_ROWS {
                 true => cpu_rows(x, w)?,
                 false => None,
             }

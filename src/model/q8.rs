@@ -195,7 +195,7 @@ fn dot_portable(x: &[i8], x_scales: &[f32], w: &[i8], w_scales: &[f32], y: &mut 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::BLOCK;
-    use crate::model::gemv::avx2::hsum;
+    use crate::model::gemv::simd::hsum;
     use std::arch::x86_64::*;
 
     /// `y[r] = Σ_b dx_rb · dw_b · Σ_{i∈b} xq_ri · wq_i` for `R` input rows and one weight row.

@@ -353,7 +353,7 @@ impl Attention {
             s.cache.append(layer, &k_new, &v_new)?;
             start += s.rows;
         }
-        let few_rows = seqs.iter().all(|s| s.rows <= gemv::MAX_ROWS);
+        let few_rows = seqs.iter().all(|s| s.rows <= gemv::PROJECTION_ROWS);
         let o = if few_rows && x.device().is_cpu() && x.dtype() == DType::F32 {
             self.attend_cpu(&q, layer, seqs, &pasts, scale as f32)?
         } else {
@@ -362,7 +362,8 @@ impl Attention {
         self.o_proj.forward(&o)
     }
 
-    /// Decode steps on CPU: the attention kernel, reading each cache in place.
+    /// Decode steps and prefills up to [`gemv::PROJECTION_ROWS`] on CPU: the attention kernel,
+    /// reading each cache in place.
     fn attend_cpu(&self, q: &Tensor, layer: usize, seqs: &[SeqRows], pasts: &[usize], scale: f32) -> Result<Tensor> {
         let n = q.dim(0)?;
         let q = q.contiguous()?;
