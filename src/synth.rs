@@ -85,7 +85,11 @@ impl Synthesizer {
         let dec_cfg = CodecDecoderConfig::load(&st_cfg_file)?;
         let vb = weights::mmap(&st_file, DType::F32, device)?;
         let speech_encoder = weights::in_file(&st_file, SpeechEncoder::load(vb.clone(), &enc_cfg))?;
-        let speech_decoder = SpeechDecoder::load(vb.pp("decoder"), &dec_cfg)?;
+        let speech_decoder = SpeechDecoder::load(
+            vb.pp("decoder"),
+            &dec_cfg,
+            SpeechDecoder::dense_format(&st_file, device)?,
+        )?;
         Ok(Self {
             tts,
             speaker_encoder,
