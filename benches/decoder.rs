@@ -77,13 +77,8 @@ fn main() -> anyhow::Result<()> {
     let repeat = env_usize("KOE_BENCH_REPEAT", 3).max(1);
     let dir = model.join("speech_tokenizer");
     let cfg = DecoderConfig::load(&dir.join("config.json"))?;
-    let file = dir.join("model.safetensors");
-    let vb = weights::mmap(&file, DType::F32, &Device::Cpu)?;
-    let decoder = SpeechDecoder::load(
-        vb.pp("decoder"),
-        &cfg,
-        SpeechDecoder::dense_format(&file, &Device::Cpu)?,
-    )?;
+    let vb = weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
+    let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg)?;
     let mut reference = decoder.clone();
     reference.set_cpu_kernels(false);
     let compare = std::env::var("KOE_BENCH_COMPARE").map_or(true, |v| v != "0");

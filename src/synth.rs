@@ -85,11 +85,7 @@ impl Synthesizer {
         let dec_cfg = CodecDecoderConfig::load(&st_cfg_file)?;
         let vb = weights::mmap(&st_file, DType::F32, device)?;
         let speech_encoder = weights::in_file(&st_file, SpeechEncoder::load(vb.clone(), &enc_cfg))?;
-        let speech_decoder = SpeechDecoder::load(
-            vb.pp("decoder"),
-            &dec_cfg,
-            SpeechDecoder::dense_format(&st_file, device)?,
-        )?;
+        let speech_decoder = SpeechDecoder::load(vb.pp("decoder"), &dec_cfg)?;
         Ok(Self {
             tts,
             speaker_encoder,

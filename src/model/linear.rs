@@ -2,11 +2,9 @@
 
 use super::gemv;
 use super::q8::{self, Q8Weight};
-use super::weights;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
-use std::path::Path;
 
 /// How the talker's and code predictor's linear weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -19,19 +17,6 @@ pub enum WeightFormat {
     StoredBf16,
     /// Quantized on load to a GGML block format; activations and KV stay f32.
     Quantized(GgmlDType),
-}
-
-impl WeightFormat {
-    /// The parity mode for weights in `file`: [`Self::StoredBf16`] on CPU when `tensor` (one of
-    /// the projections) is stored in bf16, else [`Self::Dense`].
-    pub fn dense_for(file: &Path, tensor: &str, device: &Device) -> crate::error::Result<Self> {
-        Ok(
-            match device.is_cpu() && weights::stored_dtype(file, tensor)? == DType::BF16 {
-                true => Self::StoredBf16,
-                false => Self::Dense,
-            },
-        )
-    }
 }
 
 impl std::str::FromStr for WeightFormat {

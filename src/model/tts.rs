@@ -8,7 +8,7 @@ use super::talker::Talker;
 use super::tokenizer::TextTokenizer;
 use super::weights;
 use crate::error::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
 pub struct TtsModel {
@@ -30,7 +30,11 @@ impl TtsModel {
         let tokenizer = TextTokenizer::load(dir)?;
         let file = dir.join("model.safetensors");
         let format = match format {
-            WeightFormat::Dense => WeightFormat::dense_for(&file, "talker.codec_head.weight", device)?,
+            WeightFormat::Dense
+                if device.is_cpu() && weights::stored_dtype(&file, "talker.codec_head.weight")? == DType::BF16 =>
+            {
+                WeightFormat::StoredBf16
+            }
             other => other,
         };
         let vb = weights::mmap(&file, weights::compute_dtype(device), device)?;

@@ -11,10 +11,8 @@ use std::time::Instant;
 pub fn check(fx: &Fixture) {
     let dir = fx.checkpoint().join("speech_tokenizer");
     let cfg = DecoderConfig::load(&dir.join("config.json")).expect("decoder config");
-    let file = dir.join("model.safetensors");
-    let vb = weights::mmap(&file, DType::F32, &Device::Cpu).expect("decoder weights");
-    let format = SpeechDecoder::dense_format(&file, &Device::Cpu).expect("decoder weights");
-    let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg, format).expect("decoder");
+    let vb = weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu).expect("decoder weights");
+    let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg).expect("decoder");
     let codes = fx.tensor("decoder.codes");
     let whole = fx.tensor("decoder.whole");
     let spf = decoder.samples_per_frame();

@@ -550,8 +550,8 @@ fn on_cpu(xs: &Tensor, step: impl FnOnce(&[f32], usize, usize) -> CResult<(Vec<f
 
 /// A dense projection `[out, in]` (+ bias): the row kernel on CPU for a few rows (streamed
 /// frames), gemm otherwise.
-fn dense(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool, format: WeightFormat) -> CResult<Linear> {
-    Linear::load(vb, in_dim, out_dim, bias, format)
+fn dense(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> CResult<Linear> {
+    Linear::load(vb, in_dim, out_dim, bias, WeightFormat::Dense)
 }
 
 /// `linear` over the last dim of `xs` [.., in] (its rows flattened).
@@ -585,7 +585,7 @@ struct ConvNeXtBlock {
 }
 
 impl ConvNeXtBlock {
-    fn load(dim: usize, vb: VarBuilder, format: WeightFormat) -> CResult<Self> {
+    fn load(dim: usize, vb: VarBuilder) -> CResult<Self> {
         let norm_cfg = LayerNormConfig {
             eps: 1e-6,
             ..Default::default()
@@ -593,8 +593,8 @@ impl ConvNeXtBlock {
         Ok(Self {
             dwconv: DepthwiseCausalConv1d::load(dim, 7, vb.pp("dwconv"))?,
             norm: candle_nn::layer_norm(dim, norm_cfg, vb.pp("norm"))?,
-            pwconv1: dense(vb.pp("pwconv1"), dim, 4 * dim, true, format)?,
-            pwconv2: dense(vb.pp("pwconv2"), 4 * dim, dim, true, format)?,
+            pwconv1: dense(vb.pp("pwconv1"), dim, 4 * dim, true)?,
+            pwconv2: dense(vb.pp("pwconv2"), 4 * dim, dim, true)?,
             gamma: vb.get(dim, "gamma")?,
         })
     }
@@ -794,10 +794,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(cfg: &DecoderConfig, vb: VarBuilder, format: WeightFormat) -> CResult<Self> {
+    fn load(cfg: &DecoderConfig, vb: VarBuilder) -> CResult<Self> {
         let (hidden, head_dim) = (cfg.hidden_size, cfg.head_dim());
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let linear = |i, o, name| dense(vb.pp(name), i, o, cfg.attention_bias, format);
+        let linear = |i, o, name| dense(vb.pp(name), i, o, cfg.attention_bias);
         Ok(Self {
             q_proj: linear(hidden, heads * head_dim, "q_proj")?,
             k_proj: linear(hidden, kv_heads * head_dim, "k_proj")?,
@@ -880,12 +880,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(cfg: &DecoderConfig, vb: VarBuilder, format: WeightFormat) -> CResult<Self> {
+    fn load(cfg: &DecoderConfig, vb: VarBuilder) -> CResult<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: dense(vb.pp("gate_proj"), hidden, inter, false, format)?,
-            up_proj: dense(vb.pp("up_proj"), hidden, inter, false, format)?,
-            down_proj: dense(vb.pp("down_proj"), inter, hidden, false, format)?,
+            gate_proj: dense(vb.pp("gate_proj"), hidden, inter, false)?,
+            up_proj: dense(vb.pp("up_proj"), hidden, inter, false)?,
+            down_proj: dense(vb.pp("down_proj"), inter, hidden, false)?,
             act: cfg.hidden_act,
         })
     }
@@ -909,14 +909,14 @@ struct TransformerLayer {
 }
 
 impl TransformerLayer {
-    fn load(cfg: &DecoderConfig, vb: VarBuilder, format: WeightFormat) -> CResult<Self> {
+    fn load(cfg: &DecoderConfig, vb: VarBuilder) -> CResult<Self> {
         let (hidden, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: candle_nn::rms_norm(hidden, eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::load(cfg, vb.pp("self_attn"), format)?,
+            self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
             self_attn_layer_scale: vb.get(hidden, "self_attn_layer_scale.scale")?,
             post_attention_layernorm: candle_nn::rms_norm(hidden, eps, vb.pp("post_attention_layernorm"))?,
-            mlp: Mlp::load(cfg, vb.pp("mlp"), format)?,
+            mlp: Mlp::load(cfg, vb.pp("mlp"))?,
             mlp_layer_scale: vb.get(hidden, "mlp_layer_scale.scale")?,
         })
     }
@@ -944,9 +944,9 @@ struct PreTransformer {
 }
 
 impl PreTransformer {
-    fn load(cfg: &DecoderConfig, vb: VarBuilder, format: WeightFormat) -> CResult<Self> {
+    fn load(cfg: &DecoderConfig, vb: VarBuilder) -> CResult<Self> {
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| TransformerLayer::load(cfg, vb.pp(format!("layers.{i}")), format))
+            .map(|i| TransformerLayer::load(cfg, vb.pp(format!("layers.{i}"))))
             .collect::<CResult<_>>()?;
         let head_dim = cfg.head_dim();
         // As transformers computes it, in f32: 1 / theta^(2i / head_dim).
@@ -954,10 +954,10 @@ impl PreTransformer {
             .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / head_dim as f32))
             .collect();
         Ok(Self {
-            input_proj: dense(vb.pp("input_proj"), cfg.latent_dim, cfg.hidden_size, true, format)?,
+            input_proj: dense(vb.pp("input_proj"), cfg.latent_dim, cfg.hidden_size, true)?,
             layers,
             norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
-            output_proj: dense(vb.pp("output_proj"), cfg.hidden_size, cfg.latent_dim, true, format)?,
+            output_proj: dense(vb.pp("output_proj"), cfg.hidden_size, cfg.latent_dim, true)?,
             inv_freq: Tensor::from_vec(inv_freq, (1, 1, head_dim / 2), vb.device())?,
         })
     }
@@ -1086,16 +1086,8 @@ pub struct SpeechDecoder {
 }
 
 impl SpeechDecoder {
-    /// The parity-mode format for the decoder in the speech tokenizer's `file` on `device`
-    /// ([`WeightFormat::dense_for`], probed on a projection).
-    pub fn dense_format(file: &Path, device: &Device) -> Result<WeightFormat> {
-        WeightFormat::dense_for(file, "decoder.pre_transformer.input_proj.weight", device)
-    }
-
-    /// `vb`: the `decoder.` prefix of the speech tokenizer's model.safetensors; `format`: how
-    /// the transformer's and ConvNeXt blocks' projections are kept ([`WeightFormat::dense_for`]
-    /// keeps a bf16 checkpoint's in bf16 on CPU, exact at half the bytes a streamed frame reads).
-    pub fn load(vb: VarBuilder, cfg: &DecoderConfig, format: WeightFormat) -> Result<Self> {
+    /// `vb`: the `decoder.` prefix of the speech tokenizer's model.safetensors.
+    pub fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
         let latent = cfg.latent_dim;
         let upsample = cfg
             .upsampling_ratios
@@ -1105,7 +1097,7 @@ impl SpeechDecoder {
                 let vb = vb.pp(format!("upsample.{i}"));
                 Ok((
                     CausalConvTranspose1d::load(latent, latent, factor, factor, vb.pp(0))?,
-                    ConvNeXtBlock::load(latent, vb.pp(1), format)?,
+                    ConvNeXtBlock::load(latent, vb.pp(1))?,
                 ))
             })
             .collect::<CResult<_>>()?;
@@ -1124,7 +1116,7 @@ impl SpeechDecoder {
         Ok(Self {
             quantizer: SplitQuantizer::load(cfg, vb.pp("quantizer"))?,
             pre_conv: CausalConv1d::load(cfg.codebook_dim, latent, 3, 1, vb.pp("pre_conv"))?,
-            pre_transformer: PreTransformer::load(cfg, vb.pp("pre_transformer"), format)?,
+            pre_transformer: PreTransformer::load(cfg, vb.pp("pre_transformer"))?,
             upsample,
             vocoder_input: CausalConv1d::load(latent, cfg.decoder_dim, 7, 1, vocoder.pp(0))?,
             vocoder_blocks,
@@ -1369,13 +1361,8 @@ mod tests {
     fn tiny_decoder() -> Result<(DecoderConfig, SpeechDecoder)> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0/checkpoint/speech_tokenizer");
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
-        let file = dir.join("model.safetensors");
-        let vb = crate::model::weights::mmap(&file, DType::F32, &Device::Cpu)?;
-        let decoder = SpeechDecoder::load(
-            vb.pp("decoder"),
-            &cfg,
-            SpeechDecoder::dense_format(&file, &Device::Cpu)?,
-        )?;
+        let vb = crate::model::weights::mmap(&dir.join("model.safetensors"), DType::F32, &Device::Cpu)?;
+        let decoder = SpeechDecoder::load(vb.pp("decoder"), &cfg)?;
         Ok((cfg, decoder))
     }
 
