@@ -1,7 +1,9 @@
 //! The decode-step projection side by side, in one process: candle's matmul (gemm) on f32
 //! weights, koe's row kernel on the same f32 weights, and the row kernel on bf16 weights, for
-//! the talker's and code predictor's shapes at 1 and 10 rows; then Q8_0: candle's `QMatMul`
-//! against koe's AVX2 kernel (`model::q8`) at 1, 10 and 48 rows.
+//! the talker's and code predictor's shapes at 1 and 10 rows; the row kernel against gemm over
+//! widened tiles at prefill sizes (16 to 96 rows, bf16 weights), which sets
+//! `gemv::PROJECTION_ROWS`; then Q8_0: candle's `QMatMul` against koe's AVX2 kernel
+//! (`model::q8`) at 1, 10 and 48 rows.
 //!
 //! cargo bench --bench kernels
 
