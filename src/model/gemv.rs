@@ -379,21 +379,74 @@ pub(crate) mod simd {
 mod tests {
     use super::*;
 
+    /// Sizes that exercise the vector loop, its remainder, every tile height, a partial last
+    /// task, and (widened gemm) several tiles with a partial last one.
+    const SIZES: [(usize, usize, usize); 7] = [
+        (1, 1024, 70),
+        (2, 24, 9),
+        (3, 37, 5),
+        (5, 40, 6),
+        (7, 160, 33),
+        (16, 48, 65),
+        (40, 1000, 131),
+    ];
+
+    /// `x` [m, k] and `w` [n, k] with small exact values.
+    fn inputs(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
+        let w = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
+        (x, w)
+    }
+
+    fn assert_near(got: f32, want: f64, what: &str) {
+        let got = got as f64;
+        assert!(
+            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "{what}: {got} vs {want}"
+        );
+    }
+
+    /// The AVX2 tiles, which this CPU may not choose by itself (it prefers AVX-512): against
+    /// the plain product, and a row alone against the same row in the batch.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_tiles_match_a_plain_product() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        fn avx2<W: simd::Load>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
+            by_weight_blocks(m, n, |j0, out| {
+                let rows = out.len() / m;
+                let w = &w[j0 * k..(j0 + rows) * k];
+                // SAFETY: AVX2 and FMA were detected; `x` holds m rows, `w` the block's rows.
+                unsafe { simd::block_avx2(x.as_ptr(), m, k, w.as_ptr(), out) }
+            })
+        }
+        for (m, k, n) in SIZES {
+            let (x, w) = inputs(m, k, n);
+            let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let (y, yb) = (avx2(&x, m, k, &w, n), avx2(&x, m, k, &wb, n));
+            for i in 0..m {
+                let alone = avx2(&x[i * k..(i + 1) * k], 1, k, &w, n);
+                assert_eq!(
+                    alone,
+                    y[i * n..(i + 1) * n],
+                    "m{m} k{k} n{n}: row {i} alone = in the batch"
+                );
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                    assert_near(y[i * n + j], want, &format!("avx2 f32 m{m} k{k} n{n} [{i},{j}]"));
+                    let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * wb[j * k + t].to_f64()).sum();
+                    assert_near(yb[i * n + j], want, &format!("avx2 bf16 m{m} k{k} n{n} [{i},{j}]"));
+                }
+            }
+        }
+    }
+
     #[test]
     fn matches_a_plain_product() {
-        // Sizes that exercise the vector loop, its remainder, every tile height, a partial
-        // last task, and (widened gemm) several tiles with a partial last one.
-        for (m, k, n) in [
-            (1, 1024, 70),
-            (2, 24, 9),
-            (3, 37, 5),
-            (5, 40, 6),
-            (7, 160, 33),
-            (16, 48, 65),
-            (40, 1000, 131),
-        ] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
+        for (m, k, n) in SIZES {
+            let (x, w) = inputs(m, k, n);
             let y = matmul_wt(&x, m, k, &w, n);
             let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let yb = matmul_wt(&x, m, k, &wb, n);
@@ -411,16 +464,9 @@ mod tests {
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
-                    let got = y[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "m{m} k{k} n{n} [{i},{j}]: {got} vs {want}"
-                    );
-                    let (kernel, widened) = (yb[i * n + j] as f64, yg[i * n + j] as f64);
-                    assert!(
-                        (kernel - widened).abs() <= 1e-4 * (1.0 + kernel.abs()),
-                        "widened gemm m{m} k{k} n{n} [{i},{j}]: {widened} vs {kernel}"
-                    );
+                    assert_near(y[i * n + j], want, &format!("m{m} k{k} n{n} [{i},{j}]"));
+                    let what = format!("widened gemm m{m} k{k} n{n} [{i},{j}]");
+                    assert_near(yg[i * n + j], yb[i * n + j] as f64, &what);
                 }
             }
         }
