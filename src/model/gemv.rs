@@ -318,12 +318,10 @@ pub(crate) mod simd {
     }
 
     /// [`tile`]s over all `m` rows of `x` and the `out.len() / m` rows of `w`: groups of up to
-    /// `R` (≤ 6) input rows against groups of `C` weight rows (single rows for the remainder).
-    /// Below 3 input rows the weight rows go one at a time: interleaving several rows' streams
-    /// made a one-row decode step 1.5× slower end to end on a Zen 4 (koe bench f32, steady
-    /// 4.6 against 6.7 frames/s), though a lone kernel loop timed faster.
+    /// `R` (≤ 6) input rows against groups of `C` weight rows (single rows for the remainder),
+    /// from `WIDE_FROM` input rows on; below that the weight rows go one at a time.
     #[inline(always)]
-    unsafe fn block<V: Vector, W: Widen<V>, const C: usize, const R: usize>(
+    unsafe fn block<V: Vector, W: Widen<V>, const C: usize, const R: usize, const WIDE_FROM: usize>(
         x: *const f32,
         m: usize,
         k: usize,
@@ -334,7 +332,7 @@ pub(crate) mod simd {
         let o = out.as_mut_ptr();
         let mut c0 = 0;
         while c0 < n {
-            let full = m >= 3 && n - c0 >= C;
+            let full = m >= WIDE_FROM && n - c0 >= C;
             let (wc, oc) = (w.add(c0 * k), o.add(c0 * m));
             let mut r0 = 0;
             while r0 < m {
@@ -360,18 +358,27 @@ pub(crate) mod simd {
         }
     }
 
+    /// Below 3 input rows the weight rows go one at a time: interleaving four rows' streams
+    /// made a one-row decode step 1.5× slower end to end on a Zen 4 (koe bench f32, steady 4.6
+    /// against 6.7 frames/s), though a lone kernel loop timed faster; a 16-lane chain per row
+    /// still streams a row faster than memory delivers it.
+    ///
     /// # Safety
     /// AVX-512F must be available; `x` holds `m` rows of `k`, `w` `out.len() / m` rows of `k`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn block_avx512<W: Load>(x: *const f32, m: usize, k: usize, w: *const W, out: &mut [f32]) {
-        block::<__m512, W, 4, 6>(x, m, k, w, out)
+        block::<__m512, W, 4, 6, 3>(x, m, k, w, out)
     }
 
+    /// Two weight rows at every row count: with one 8-lane FMA chain a lone row would be bound
+    /// by the FMA latency (one vector of weights per ~5 cycles), so a one-row step runs two chains.
+    /// Not measured on an AVX2-only CPU since the tiles were introduced.
+    ///
     /// # Safety
     /// AVX2 and FMA must be available; `x` holds `m` rows of `k`, `w` `out.len() / m` rows of `k`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block_avx2<W: Load>(x: *const f32, m: usize, k: usize, w: *const W, out: &mut [f32]) {
-        block::<__m256, W, 2, 4>(x, m, k, w, out)
+        block::<__m256, W, 2, 4, 1>(x, m, k, w, out)
     }
 }
 
