@@ -3,7 +3,7 @@
 //! the talker's and code predictor's shapes at 1 and 10 rows; the row kernel against gemm over
 //! widened tiles at prefill sizes (16 to 96 rows, bf16 weights), which sets
 //! `gemv::PROJECTION_ROWS`; then Q8_0: candle's `QMatMul` against koe's AVX2 kernel
-//! (`model::q8`) at 1, 10 and 48 rows.
+//! (`model::q8`: AVX-512 VNNI tiles where the CPU has them, else AVX2) at 1, 10 and 48 rows.
 //!
 //! cargo bench --bench kernels
 
@@ -157,7 +157,7 @@ fn main() -> anyhow::Result<()> {
         "Q8_0 quantization of the {layers} layers: candle {candle_load:.0} ms, koe {koe_load:.0} ms ({:.2}×)",
         candle_load / koe_load
     );
-    println!("| rows | candle Q8_0 | koe Q8_0 (AVX2) | candle ÷ koe |");
+    println!("| rows | candle Q8_0 | koe Q8_0 | candle ÷ koe |");
     println!("|---|---|---|---|");
     for rows in [1usize, 10, 48] {
         let (xs, xh) = inputs(&shapes, rows)?;

@@ -44,7 +44,7 @@ enum Projection {
     /// [out, in] bf16 on CPU.
     Bf16(Tensor),
     Quantized(QMatMul),
-    /// Q8_0 through koe's AVX2 kernel, where it beats candle's (`q8::preferred`).
+    /// Q8_0 through koe's kernels (AVX2, or AVX-512 VNNI tiles; `q8::preferred`).
     Q8(Q8Weight),
 }
 
