@@ -211,6 +211,15 @@ impl TtsModel {
         params: &GenerationParams,
         prefix: Option<&PromptPrefix>,
     ) -> Result<Sequence> {
+        super::on_worker(|| self.prefill(prompt, params, prefix))
+    }
+
+    fn prefill(
+        &self,
+        prompt: &TalkerPrompt,
+        params: &GenerationParams,
+        prefix: Option<&PromptPrefix>,
+    ) -> Result<Sequence> {
         params.validate()?;
         let reused = match prefix {
             Some(p) => p.reusable_rows(&prompt.embeds)?,
@@ -288,6 +297,10 @@ impl TtsModel {
     /// Advances each sequence by one frame. `inputs[i]` says how sequence i picks its codes;
     /// `trace` adds the step's internals to each frame. A sequence that has ended stays ended.
     pub fn step(&self, seqs: &mut [&mut Sequence], inputs: &[StepInput], trace: bool) -> Result<Vec<StepOutcome>> {
+        super::on_worker(|| self.step_here(seqs, inputs, trace))
+    }
+
+    fn step_here(&self, seqs: &mut [&mut Sequence], inputs: &[StepInput], trace: bool) -> Result<Vec<StepOutcome>> {
         if inputs.len() != seqs.len() {
             return Err(Error::InvalidRequest(format!(
                 "{} step inputs for {} sequences",

@@ -1186,7 +1186,7 @@ impl SpeechDecoder {
 
     /// Feeds the next `codes` [n, Q] of an utterance; returns their n · samples_per_frame samples.
     pub fn step(&self, state: &mut DecoderState, codes: &Tensor) -> Result<Tensor> {
-        self.step_observed(state, codes, &mut |_, _| {})
+        crate::model::on_worker(|| self.step_observed(state, codes, &mut |_, _| {}))
     }
 
     /// [`step`](Self::step), reporting every stage's output to `observe` (parity checks).
@@ -1207,6 +1207,10 @@ impl SpeechDecoder {
     /// the utterances with equally many new frames runs as one batch, attention against each
     /// one's own window. Returns each utterance's new samples.
     pub fn step_batch(&self, states: &mut [&mut DecoderState], codes: &[Tensor]) -> Result<Vec<Tensor>> {
+        crate::model::on_worker(|| self.step_batch_here(states, codes))
+    }
+
+    fn step_batch_here(&self, states: &mut [&mut DecoderState], codes: &[Tensor]) -> Result<Vec<Tensor>> {
         if states.len() != codes.len() {
             return Err(Error::InvalidRequest(format!(
                 "step_batch: {} states but {} code chunks",
