@@ -482,8 +482,8 @@ mod tests {
         #[cfg(not(target_arch = "x86_64"))]
         let vnni = false;
         let layouts: &[bool] = if vnni { &[false, true] } else { &[false] };
-        // One and several blocks, groups of 8 and fewer (10 rows: two of 5), several tasks;
-        // tiles need whole tiles of 16 weight rows.
+        // One and several blocks, several tasks; AVX2 groups of 8 and fewer, tile groups of 12
+        // and fewer (17 rows: 9 + 8; 48: four of 12); tiles need whole tiles of 16 weight rows.
         let shapes = [
             (1, 1024, 70),
             (3, 96, 5),
