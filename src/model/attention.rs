@@ -187,7 +187,7 @@ mod simd {
     ) {
         let hd = 16 * V;
         assert!(kv.keys.len() >= seen * hd && kv.values.len() >= seen * hd);
-        assert!(scores.len() >= seen && acc.len() == queries.len() && queries.len() % hd == 0);
+        assert!(scores.len() >= seen && acc.len() == queries.len() && queries.len().is_multiple_of(hd));
         let (kp, vp) = (kv.keys.as_ptr(), kv.values.as_ptr());
         for (query, out) in queries.chunks_exact(hd).zip(acc.chunks_exact_mut(hd)) {
             let q: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(query.as_ptr().add(16 * v)));
