@@ -455,12 +455,13 @@ mod vnni {
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let half_down = _mm512_set1_ps(0.499_999_97);
+        let half_down = _mm512_castps_si512(_mm512_set1_ps(0.499_999_97));
         let sign = _mm512_set1_epi32(i32::MIN);
         let round = |x: __m512| {
             let scaled = _mm512_mul_ps(x, _mm512_set1_ps(id));
-            let bias = _mm512_or_ps(half_down, _mm512_and_ps(scaled, _mm512_castsi512_ps(sign)));
-            _mm512_cvttps_epi32(_mm512_add_ps(scaled, bias))
+            // ½ − ulp carrying the sign of `scaled` (integer ops: the float ones need AVX-512 DQ).
+            let bias = _mm512_or_si512(half_down, _mm512_and_si512(_mm512_castps_si512(scaled), sign));
+            _mm512_cvttps_epi32(_mm512_add_ps(scaled, _mm512_castsi512_ps(bias)))
         };
         let (qlo, qhi) = (round(lo), round(hi));
         _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(qlo));
