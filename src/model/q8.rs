@@ -477,8 +477,8 @@ mod vnni {
     /// leaves registers for up to [`GROUP`] rows), then the integer dot scaled by dw·dx into an
     /// f32 accumulator. The group's rows sit side by side per block ([`Input`]): constant offsets
     /// from one pointer, where a pointer per row spilled registers into ~40 scalar instructions a
-    /// block (at 10 rows, 24 layers streamed: 19.6 vs 30.5 ms with the prefetch, 34.8 without,
-    /// min of 15 on a Zen 4).
+    /// block (at 10 rows, 24 layers streamed, min of 15 on a Zen 4: 19.6 ms; the old layout with
+    /// the prefetch 26.7–27.6 ms, without it 30.5–34.8).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile_dot<const R: usize>(w: &[u8], d: &[f16], blocks: usize, x: Group, y: *mut f32, stride: usize) {
         assert!(w.len() >= blocks * TILE_BLOCK && d.len() >= blocks * TILE_ROWS);
