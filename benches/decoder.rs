@@ -1,5 +1,5 @@
 //! Speech decoder speed on the checkpoint in `KOE_BENCH_MODEL` (its `speech_tokenizer/`, f32):
-//! N frames of random valid codes decoded whole, streamed in chunks of 1 and 4 frames, and
+//! N frames of random valid codes decoded whole, streamed in chunks of 1, 2 and 4 frames, and
 //! streamed one frame per step for a batch of 4 utterances (`step_batch`; ms per frame of one
 //! utterance), as ms/frame and RTF (decoder seconds per audio second), then each stage's time in
 //! one whole step.
@@ -93,9 +93,10 @@ fn main() -> anyhow::Result<()> {
     println!("| mode | ms/frame | RTF | candle ops ms/frame | speed-up |");
     println!("|---|---|---|---|---|");
     // (label, chunk, utterances): seconds are per utterance.
-    let modes: [(&str, Option<usize>, usize); 4] = [
+    let modes: [(&str, Option<usize>, usize); 5] = [
         ("whole", None, 1),
         ("stream chunk 1", Some(1), 1),
+        ("stream chunk 2", Some(2), 1),
         ("stream chunk 4", Some(4), 1),
         ("batch of 4, chunk 1", Some(1), 4),
     ];

@@ -783,9 +783,8 @@ struct KvRow {
 
 #[derive(Clone, Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v stacked: one pass over the weights (a streamed frame reads them all anyway).
+    qkv_proj: Linear,
     o_proj: Linear,
     heads: usize,
     kv_heads: usize,
@@ -797,12 +796,14 @@ impl Attention {
     fn load(cfg: &DecoderConfig, vb: VarBuilder) -> CResult<Self> {
         let (hidden, head_dim) = (cfg.hidden_size, cfg.head_dim());
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let linear = |i, o, name| dense(vb.pp(name), i, o, cfg.attention_bias);
+        let parts = [
+            (vb.pp("q_proj"), heads * head_dim),
+            (vb.pp("k_proj"), kv_heads * head_dim),
+            (vb.pp("v_proj"), kv_heads * head_dim),
+        ];
         Ok(Self {
-            q_proj: linear(hidden, heads * head_dim, "q_proj")?,
-            k_proj: linear(hidden, kv_heads * head_dim, "k_proj")?,
-            v_proj: linear(hidden, kv_heads * head_dim, "v_proj")?,
-            o_proj: linear(heads * head_dim, hidden, "o_proj")?,
+            qkv_proj: Linear::load_stacked(&parts, hidden, cfg.attention_bias, WeightFormat::Dense)?,
+            o_proj: dense(vb.pp("o_proj"), heads * head_dim, hidden, cfg.attention_bias)?,
             heads,
             kv_heads,
             head_dim,
@@ -815,9 +816,11 @@ impl Attention {
         let (b, n, _) = xs.dims3()?;
         let split_heads =
             |t: Tensor, heads: usize| t.reshape((b, n, heads, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = split_heads(project(&self.q_proj, xs)?, self.heads)?;
-        let k = split_heads(project(&self.k_proj, xs)?, self.kv_heads)?;
-        let v = split_heads(project(&self.v_proj, xs)?, self.kv_heads)?;
+        let qkv = project(&self.qkv_proj, xs)?;
+        let (q_len, kv_len) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let q = split_heads(qkv.narrow(D::Minus1, 0, q_len)?, self.heads)?;
+        let k = split_heads(qkv.narrow(D::Minus1, q_len, kv_len)?, self.kv_heads)?;
+        let v = split_heads(qkv.narrow(D::Minus1, q_len + kv_len, kv_len)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         // Rows whose windows hold the same number of positions attend as one batch (the steady
@@ -873,19 +876,21 @@ fn sliding_window_mask(past: usize, n: usize, window: usize, device: &Device) ->
 
 #[derive(Clone, Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate and up stacked, as q, k and v.
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
     act: Activation,
 }
 
 impl Mlp {
     fn load(cfg: &DecoderConfig, vb: VarBuilder) -> CResult<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let parts = [(vb.pp("gate_proj"), inter), (vb.pp("up_proj"), inter)];
         Ok(Self {
-            gate_proj: dense(vb.pp("gate_proj"), hidden, inter, false)?,
-            up_proj: dense(vb.pp("up_proj"), hidden, inter, false)?,
+            gate_up_proj: Linear::load_stacked(&parts, hidden, false, WeightFormat::Dense)?,
             down_proj: dense(vb.pp("down_proj"), inter, hidden, false)?,
+            intermediate: inter,
             act: cfg.hidden_act,
         })
     }
@@ -893,8 +898,10 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> CResult<Tensor> {
-        let gate = self.act.forward(&project(&self.gate_proj, xs)?)?;
-        project(&self.down_proj, &(gate * project(&self.up_proj, xs)?)?)
+        let gate_up = project(&self.gate_up_proj, xs)?;
+        let gate = self.act.forward(&gate_up.narrow(D::Minus1, 0, self.intermediate)?)?;
+        let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
+        project(&self.down_proj, &(gate * up)?)
     }
 }
 
