@@ -783,7 +783,7 @@ struct KvRow {
 
 #[derive(Clone, Debug)]
 struct Attention {
-    /// q, k and v stacked: one pass over the weights (a streamed frame reads them all anyway).
+    /// q, k and v stacked: one projection (one pass over the weights, one parallel call).
     qkv_proj: Linear,
     o_proj: Linear,
     heads: usize,
