@@ -132,13 +132,14 @@ impl Synthesizer {
         self.voice(self.encode_voice_prompt(samples_24k, transcript)?)
     }
 
-    /// A ready voice from an encoded prompt: for ICL the decoder is primed with all reference
+    /// A ready voice from an encoded prompt: for ICL the decoder is primed with the reference
     /// codes (the package decodes them together with the generated ones).
     pub fn voice(&self, prompt: VoicePrompt) -> Result<Voice> {
         let mut decoder_state = self.speech_decoder.new_state()?;
         let mut ref_tail_sample = 0.0;
         if let Some(icl) = &prompt.icl {
-            let pcm = self.speech_decoder.step(&mut decoder_state, &icl.codes)?;
+            let pcm;
+            (decoder_state, pcm) = self.speech_decoder.prime(&icl.codes)?;
             if let Some(n) = pcm.dim(0)?.checked_sub(1) {
                 ref_tail_sample = pcm.get(n)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             }

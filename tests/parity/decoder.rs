@@ -86,7 +86,7 @@ pub fn check(fx: &Fixture) {
 
     // A primed state (an ICL voice's reference codes) continues exactly; its clones are independent.
     let prime_frames = short_frames.min(frames - 1);
-    let primed = decoder.prime(&codes.narrow(0, 0, prime_frames).unwrap()).unwrap();
+    let (primed, _) = decoder.prime(&codes.narrow(0, 0, prime_frames).unwrap()).unwrap();
     let rest = whole
         .narrow(0, prime_frames * spf, (frames - prime_frames) * spf)
         .unwrap();
