@@ -7,11 +7,11 @@
 //! `ceil(samples / encode_downsample_rate)`.
 //!
 //! Reused from candle-transformers' `models::mimi`, whose weight names and arithmetic are those of
-//! transformers' Mimi: the SEANet encoder (`seanet::SeaNetEncoder`: `layers.{i}` indexing, ELU,
-//! residual blocks, causal convs with the same extra right padding) and the downsample conv
-//! (`conv::StreamableConv1d` with replicate padding).
+//! transformers' Mimi: the downsample conv (`conv::StreamableConv1d` with replicate padding).
 //!
 //! Ported here instead:
+//! - The SEANet conv stack ([`super::seanet`]): the same layers and padding as candle's
+//!   `seanet::SeaNetEncoder`, on koe's conv kernels instead of candle's im2col `conv1d` (speed).
 //! - The encoder transformer. candle's `StreamingTransformer` keeps a KV cache (`&mut self`),
 //!   masks with a sliding window of `context` frames, supports neither grouped KV heads nor a
 //!   `head_dim` other than hidden/heads, and fixes the norm eps. The official package runs Mimi's
@@ -26,10 +26,11 @@
 //!   (one matmul of [−2x, |x|², 1] with [c, 1, |c|²], clamped at 0, square root), so near-ties
 //!   resolve as in the reference.
 
+use super::seanet::SeaNetEncoder;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Activation, LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::mimi::{conv, seanet};
+use candle_transformers::models::mimi::conv;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -248,7 +249,7 @@ pub struct EncoderStages {
 }
 
 pub struct SpeechEncoder {
-    seanet: seanet::SeaNetEncoder,
+    seanet: SeaNetEncoder,
     transformer: EncoderTransformer,
     downsample: conv::StreamableConv1d,
     quantizer: SplitQuantizer,
@@ -264,37 +265,11 @@ impl SpeechEncoder {
     pub fn load(vb: VarBuilder, cfg: &SpeechTokenizerConfig) -> candle_core::Result<Self> {
         let enc = &cfg.encoder_config;
         if !enc.use_causal_conv {
-            // candle's SEANet always pads its strided convs causally.
+            // The SEANet port pads its convs causally only.
             candle_core::bail!("speech tokenizer encoder: use_causal_conv = false is not supported");
         }
         let vb = vb.pp("encoder");
-        let ratios = enc.upsampling_ratios();
-        let seanet_cfg = seanet::Config {
-            dimension: enc.hidden_size,
-            channels: enc.audio_channels,
-            causal: enc.use_causal_conv,
-            n_filters: enc.num_filters,
-            n_residual_layers: enc.num_residual_layers,
-            activation: Activation::Elu(1.0),
-            // Norm disabled on all `ratios + 2` blocks: plain convs (`conv.weight`, `conv.bias`)
-            // as transformers stores them.
-            norm: conv::Norm::WeightNorm,
-            disable_norm_outer_blocks: ratios.len() + 2,
-            ratios,
-            kernel_size: enc.kernel_size,
-            residual_kernel_size: enc.residual_kernel_size,
-            last_kernel_size: enc.last_kernel_size,
-            dilation_base: enc.dilation_growth_rate,
-            pad_mode: match enc.pad_mode {
-                PadMode::Constant => conv::PadMode::Constant,
-                PadMode::Replicate => conv::PadMode::Replicate,
-            },
-            true_skip: !enc.use_conv_shortcut,
-            compress: enc.compress,
-            lstm: 0,
-            final_activation: None,
-        };
-        let seanet = seanet::SeaNetEncoder::new(&seanet_cfg, vb.pp("encoder"))?;
+        let seanet = SeaNetEncoder::load(vb.pp("encoder"), enc)?;
         let transformer = EncoderTransformer::load(vb.pp("encoder_transformer"), enc)?;
         // `int(encodec_frame_rate / frame_rate)` truncates, as Python's int() does.
         let downsample_kernel = 2 * (enc.encodec_frame_rate() as f64 / enc.frame_rate()) as usize;
@@ -333,8 +308,7 @@ impl SpeechEncoder {
         if samples.is_empty() {
             return Err(Error::Audio("cannot encode an empty reference clip".into()));
         }
-        let audio = Tensor::from_slice(samples, (1, 1, samples.len()), &self.device)?.to_dtype(self.dtype)?;
-        let seanet = self.seanet.forward(&audio)?;
+        let seanet = self.seanet.forward(samples, &self.device)?.to_dtype(self.dtype)?;
         let transformer = self.transformer.forward(&seanet.transpose(1, 2)?)?;
         let downsample = self.downsample.forward(&transformer.transpose(1, 2)?.contiguous()?)?;
         let codes = self.quantizer.encode(&downsample.squeeze(0)?)?;

@@ -3,4 +3,5 @@
 pub mod decoder;
 pub mod encoder;
 mod kernels;
+mod seanet;
 pub(crate) mod streaming;
