@@ -53,40 +53,63 @@ impl WeightElem for half::bf16 {
 pub fn matmul_wt<W: WeightElem + simd::Load>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
-    by_weight_blocks(m, n, |j0, out| {
-        let rows = out.len() / m;
-        dot_block(x, m, k, &w[j0 * k..(j0 + rows) * k], out)
+    by_weight_blocks(m, n, |j0, rows, out| {
+        dot_block(x, m, k, &w[j0 * k..(j0 + rows) * k], rows, out)
     })
 }
 
 /// `[m, n]` row-major from `dot(j, y)`, which writes weight row `j`'s products with all `m`
 /// input rows into `y`.
 pub(crate) fn by_weight_rows(m: usize, n: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    by_weight_blocks(m, n, |j0, out| {
-        for (jj, y) in out.chunks_mut(m).enumerate() {
-            dot(j0 + jj, y);
+    by_weight_blocks(m, n, |j0, rows, out| {
+        let mut y = vec![0f32; m];
+        for c in 0..rows {
+            dot(j0 + c, &mut y);
+            for (r, &v) in y.iter().enumerate() {
+                // SAFETY: (r, c) lies in this task's columns of the [m, n] output.
+                unsafe { out.write(r, c, v) };
+            }
         }
     })
 }
 
-/// `[m, n]` row-major from `block(j0, out)`, which writes the products of weight rows
-/// `j0..j0 + out.len() / m` with all `m` input rows into `out` ([rows, m]). Tasks own whole
-/// blocks of weight rows, so a weight row is streamed from memory once whatever `m` is.
-fn by_weight_blocks(m: usize, n: usize, block: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    // yt[j·m + i] = dot(x_i, w_j)
-    let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, out)| block(task * ROWS_PER_TASK, out));
-    if m == 1 {
-        return yt;
+/// Where a task writes its products: column `c` of its block is column `first + c` of an
+/// output whose rows are `row_stride` apart.
+#[derive(Clone, Copy)]
+pub(crate) struct Columns {
+    first: *mut f32,
+    row_stride: usize,
+}
+
+impl Columns {
+    /// # Safety
+    /// (`r`, `c`) must lie inside the output and in the writer's own columns.
+    #[inline(always)]
+    unsafe fn write(self, r: usize, c: usize, v: f32) {
+        *self.first.add(r * self.row_stride + c) = v;
     }
+}
+
+/// `[m, n]` row-major from `block(j0, rows, out)`, which writes the products of weight rows
+/// `j0..j0 + rows` with all `m` input rows into columns `j0..` through `out`. Tasks own whole
+/// blocks of weight rows, so a weight row is streamed from memory once whatever `m` is, and
+/// write their columns in place (a transposing copy after the products cost ~5 % of a
+/// 10-row f32 step).
+fn by_weight_blocks(m: usize, n: usize, block: impl Fn(usize, usize, Columns) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            y[i * n + j] = yt[j * m + i];
-        }
+    if y.is_empty() {
+        return y;
     }
+    let first = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+        let j0 = task * ROWS_PER_TASK;
+        let columns = Columns {
+            // SAFETY: j0 < n and m ≥ 1: inside the [m, n] output.
+            first: unsafe { first.get().add(j0) },
+            row_stride: n,
+        };
+        block(j0, ROWS_PER_TASK.min(n - j0), columns)
+    });
     y
 }
 
@@ -158,34 +181,41 @@ impl<T: Copy> SendPtr<T> {
 
 /// `y[i] = dot(x_i, row)` for every row `x_i` of `x` ([m, k]).
 pub(crate) fn dot_rows<W: WeightElem + simd::Load>(x: &[f32], k: usize, row: &[W], y: &mut [f32]) {
-    dot_block(x, y.len(), k, row, y)
+    let out = Columns {
+        first: y.as_mut_ptr(),
+        row_stride: 1,
+    };
+    dot_block(x, y.len(), k, row, 1, out)
 }
 
-/// `out[c·m + r] = dot(x_r, w_c)` for the `m` rows of `x` ([m, k]) and the rows of `w`.
-fn dot_block<W: WeightElem + simd::Load>(x: &[f32], m: usize, k: usize, w: &[W], out: &mut [f32]) {
-    assert!(x.len() >= m * k && w.len() * m >= out.len() * k);
+/// `out(r, c) = dot(x_r, w_c)` for the `m` rows of `x` ([m, k]) and the `cols` rows of `w`.
+/// `out` must hold those `m` × `cols` places and nobody else may write them meanwhile.
+fn dot_block<W: WeightElem + simd::Load>(x: &[f32], m: usize, k: usize, w: &[W], cols: usize, out: Columns) {
+    assert!(x.len() >= m * k && w.len() >= cols * k);
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: each path runs only where its features were detected; the slices were
-        // checked to hold the rows the kernel reads and writes.
+        // checked to hold the rows the kernel reads, `out` the places it writes.
         if std::is_x86_feature_detected!("avx512f") {
-            return unsafe { simd::block_avx512(x.as_ptr(), m, k, w.as_ptr(), out) };
+            return unsafe { simd::block_avx512(x.as_ptr(), m, k, w.as_ptr(), cols, out) };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return unsafe { simd::block_avx2(x.as_ptr(), m, k, w.as_ptr(), out) };
+            return unsafe { simd::block_avx2(x.as_ptr(), m, k, w.as_ptr(), cols, out) };
         }
     }
-    for (c, ys) in out.chunks_mut(m).enumerate() {
+    for c in 0..cols {
         let wc = &w[c * k..(c + 1) * k];
-        for (r, y) in ys.iter_mut().enumerate() {
-            *y = x[r * k..(r + 1) * k].iter().zip(wc).map(|(a, b)| a * b.to_f32()).sum();
+        for r in 0..m {
+            let y = x[r * k..(r + 1) * k].iter().zip(wc).map(|(a, b)| a * b.to_f32()).sum();
+            // SAFETY: the caller hands over these places.
+            unsafe { out.write(r, c, y) };
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod simd {
-    use super::WeightElem;
+    use super::{Columns, WeightElem};
     use std::arch::x86_64::*;
 
     /// An f32 vector register and the operations the tile kernel needs.
@@ -281,15 +311,14 @@ pub(crate) mod simd {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    /// `out[c·m + r] = dot(x_r, w_c)` for `R` rows of `x` (from `x`, stride `k`) and `C` rows
+    /// `out(r, c) = dot(x_r, w_c)` for `R` rows of `x` (from `x`, stride `k`) and `C` rows
     /// of `w` (from `w`, stride `k`): `R·C` accumulators, `R + C` loads per `R·C` FMAs.
     #[inline(always)]
     unsafe fn tile<V: Vector, W: Widen<V>, const R: usize, const C: usize>(
         x: *const f32,
         k: usize,
         w: *const W,
-        out: *mut f32,
-        m: usize,
+        out: Columns,
     ) {
         let mut acc = [[V::zero(); C]; R];
         let mut t = 0;
@@ -312,12 +341,12 @@ pub(crate) mod simd {
                 for u in t..k {
                     total += *x.add(r * k + u) * (*w.add(c * k + u)).to_f32();
                 }
-                *out.add(c * m + r) = total;
+                out.write(r, c, total);
             }
         }
     }
 
-    /// [`tile`]s over all `m` rows of `x` and the `out.len() / m` rows of `w`: groups of up to
+    /// [`tile`]s over all `m` rows of `x` and the `n` rows of `w`: groups of up to
     /// `R` (≤ 6) input rows against groups of `C` weight rows (single rows for the remainder),
     /// from `WIDE_FROM` input rows on; below that the weight rows go one at a time.
     #[inline(always)]
@@ -326,31 +355,34 @@ pub(crate) mod simd {
         m: usize,
         k: usize,
         w: *const W,
-        out: &mut [f32],
+        n: usize,
+        out: Columns,
     ) {
-        let n = out.len() / m;
-        let o = out.as_mut_ptr();
         let mut c0 = 0;
         while c0 < n {
             let full = m >= WIDE_FROM && n - c0 >= C;
-            let (wc, oc) = (w.add(c0 * k), o.add(c0 * m));
+            let wc = w.add(c0 * k);
             let mut r0 = 0;
             while r0 < m {
-                let (xr, or) = (x.add(r0 * k), oc.add(r0));
+                let xr = x.add(r0 * k);
+                let or = Columns {
+                    first: out.first.add(r0 * out.row_stride + c0),
+                    row_stride: out.row_stride,
+                };
                 let rows = (m - r0).min(R);
                 match (rows, full) {
-                    (6, true) => tile::<V, W, 6, C>(xr, k, wc, or, m),
-                    (5, true) => tile::<V, W, 5, C>(xr, k, wc, or, m),
-                    (6, false) => tile::<V, W, 6, 1>(xr, k, wc, or, m),
-                    (5, false) => tile::<V, W, 5, 1>(xr, k, wc, or, m),
-                    (4, true) => tile::<V, W, 4, C>(xr, k, wc, or, m),
-                    (3, true) => tile::<V, W, 3, C>(xr, k, wc, or, m),
-                    (2, true) => tile::<V, W, 2, C>(xr, k, wc, or, m),
-                    (1, true) => tile::<V, W, 1, C>(xr, k, wc, or, m),
-                    (4, false) => tile::<V, W, 4, 1>(xr, k, wc, or, m),
-                    (3, false) => tile::<V, W, 3, 1>(xr, k, wc, or, m),
-                    (2, false) => tile::<V, W, 2, 1>(xr, k, wc, or, m),
-                    _ => tile::<V, W, 1, 1>(xr, k, wc, or, m),
+                    (6, true) => tile::<V, W, 6, C>(xr, k, wc, or),
+                    (5, true) => tile::<V, W, 5, C>(xr, k, wc, or),
+                    (6, false) => tile::<V, W, 6, 1>(xr, k, wc, or),
+                    (5, false) => tile::<V, W, 5, 1>(xr, k, wc, or),
+                    (4, true) => tile::<V, W, 4, C>(xr, k, wc, or),
+                    (3, true) => tile::<V, W, 3, C>(xr, k, wc, or),
+                    (2, true) => tile::<V, W, 2, C>(xr, k, wc, or),
+                    (1, true) => tile::<V, W, 1, C>(xr, k, wc, or),
+                    (4, false) => tile::<V, W, 4, 1>(xr, k, wc, or),
+                    (3, false) => tile::<V, W, 3, 1>(xr, k, wc, or),
+                    (2, false) => tile::<V, W, 2, 1>(xr, k, wc, or),
+                    _ => tile::<V, W, 1, 1>(xr, k, wc, or),
                 }
                 r0 += rows;
             }
@@ -364,10 +396,11 @@ pub(crate) mod simd {
     /// still streams a row faster than memory delivers it.
     ///
     /// # Safety
-    /// AVX-512F must be available; `x` holds `m` rows of `k`, `w` `out.len() / m` rows of `k`.
+    /// AVX-512F must be available; `x` holds `m` rows of `k`, `w` `n` rows of `k`, `out` the
+    /// `m` × `n` places written.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn block_avx512<W: Load>(x: *const f32, m: usize, k: usize, w: *const W, out: &mut [f32]) {
-        block::<__m512, W, 4, 6, 3>(x, m, k, w, out)
+    pub unsafe fn block_avx512<W: Load>(x: *const f32, m: usize, k: usize, w: *const W, n: usize, out: Columns) {
+        block::<__m512, W, 4, 6, 3>(x, m, k, w, n, out)
     }
 
     /// Two weight rows at every row count: with one 8-lane FMA chain a lone row would be bound
@@ -375,10 +408,11 @@ pub(crate) mod simd {
     /// Not measured on an AVX2-only CPU since the tiles were introduced.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `x` holds `m` rows of `k`, `w` `out.len() / m` rows of `k`.
+    /// AVX2 and FMA must be available; `x` holds `m` rows of `k`, `w` `n` rows of `k`, `out` the
+    /// `m` × `n` places written.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block_avx2<W: Load>(x: *const f32, m: usize, k: usize, w: *const W, out: &mut [f32]) {
-        block::<__m256, W, 2, 4, 1>(x, m, k, w, out)
+    pub unsafe fn block_avx2<W: Load>(x: *const f32, m: usize, k: usize, w: *const W, n: usize, out: Columns) {
+        block::<__m256, W, 2, 4, 1>(x, m, k, w, n, out)
     }
 }
 
@@ -422,11 +456,11 @@ mod tests {
             return;
         }
         fn avx2<W: simd::Load>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
-            by_weight_blocks(m, n, |j0, out| {
-                let rows = out.len() / m;
+            by_weight_blocks(m, n, |j0, rows, out| {
                 let w = &w[j0 * k..(j0 + rows) * k];
-                // SAFETY: AVX2 and FMA were detected; `x` holds m rows, `w` the block's rows.
-                unsafe { simd::block_avx2(x.as_ptr(), m, k, w.as_ptr(), out) }
+                // SAFETY: AVX2 and FMA were detected; `x` holds m rows, `w` the block's rows,
+                // `out` the task's columns.
+                unsafe { simd::block_avx2(x.as_ptr(), m, k, w.as_ptr(), rows, out) }
             })
         }
         for (m, k, n) in SIZES {
