@@ -54,7 +54,8 @@ pub fn matmul_wt<W: WeightElem + simd::Load>(x: &[f32], m: usize, k: usize, w: &
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
     by_weight_blocks(m, n, |j0, rows, out| {
-        dot_block(x, m, k, &w[j0 * k..(j0 + rows) * k], rows, out)
+        // SAFETY: `out` reaches this task's columns j0..j0 + rows of every row, its alone.
+        unsafe { dot_block(x, m, k, &w[j0 * k..(j0 + rows) * k], rows, out) }
     })
 }
 
@@ -185,30 +186,32 @@ pub(crate) fn dot_rows<W: WeightElem + simd::Load>(x: &[f32], k: usize, row: &[W
         first: y.as_mut_ptr(),
         row_stride: 1,
     };
-    dot_block(x, y.len(), k, row, 1, out)
+    // SAFETY: `out` reaches y[0..m], borrowed mutably here.
+    unsafe { dot_block(x, y.len(), k, row, 1, out) }
 }
 
 /// `out(r, c) = dot(x_r, w_c)` for the `m` rows of `x` ([m, k]) and the `cols` rows of `w`.
-/// `out` must hold those `m` × `cols` places and nobody else may write them meanwhile.
-fn dot_block<W: WeightElem + simd::Load>(x: &[f32], m: usize, k: usize, w: &[W], cols: usize, out: Columns) {
+///
+/// # Safety
+/// `out` must reach those `m` × `cols` places, and nobody else may use them meanwhile.
+unsafe fn dot_block<W: WeightElem + simd::Load>(x: &[f32], m: usize, k: usize, w: &[W], cols: usize, out: Columns) {
     assert!(x.len() >= m * k && w.len() >= cols * k);
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: each path runs only where its features were detected; the slices were
-        // checked to hold the rows the kernel reads, `out` the places it writes.
+        // Each path runs only where its features were detected; the slices were checked to
+        // hold the rows the kernel reads, and the caller vouches for `out`.
         if std::is_x86_feature_detected!("avx512f") {
-            return unsafe { simd::block_avx512(x.as_ptr(), m, k, w.as_ptr(), cols, out) };
+            return simd::block_avx512(x.as_ptr(), m, k, w.as_ptr(), cols, out);
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return unsafe { simd::block_avx2(x.as_ptr(), m, k, w.as_ptr(), cols, out) };
+            return simd::block_avx2(x.as_ptr(), m, k, w.as_ptr(), cols, out);
         }
     }
     for c in 0..cols {
         let wc = &w[c * k..(c + 1) * k];
         for r in 0..m {
             let y = x[r * k..(r + 1) * k].iter().zip(wc).map(|(a, b)| a * b.to_f32()).sum();
-            // SAFETY: the caller hands over these places.
-            unsafe { out.write(r, c, y) };
+            out.write(r, c, y);
         }
     }
 }
