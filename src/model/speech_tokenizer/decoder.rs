@@ -13,6 +13,7 @@
 //! [`CausalConvTranspose1d`] for why not candle's); the ConvNeXt depthwise conv as a sum over its
 //! 7 taps, because candle runs a grouped conv as one conv per group (1024 of them in the release).
 
+use super::host_f32;
 use super::kernels::{self, ConvTransposeWeights, ConvWeights};
 use super::streaming::{Carry, KvWindow};
 use crate::error::{Error, Result};
@@ -187,8 +188,8 @@ impl CausalConv1d {
         let bias = vb.get(out_channels, "bias")?;
         let cpu = match weight.device() {
             Device::Cpu => Some(ConvWeights::new(
-                &weight.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
-                bias.to_dtype(DType::F32)?.to_vec1()?,
+                &host_f32(&weight)?,
+                host_f32(&bias)?,
                 out_channels,
                 in_channels,
                 kernel,
@@ -236,7 +237,7 @@ impl CausalConv1d {
             return Ok(out);
         }
         let width = ctx + t;
-        let old_carry = carry.get().map(cpu_f32).transpose()?;
+        let old_carry = carry.get().map(host_f32).transpose()?;
         let mut new_carry = vec![0f32; b * c_in * ctx];
         // Row `row`'s input: its carried context, then the (activated) new samples; the last
         // `ctx` of them are carried on.
@@ -422,7 +423,7 @@ impl CausalConvTranspose1d {
     ) -> CResult<Vec<f32>> {
         let (c_in, c_out, overlap, emitted) = (w.c_in, w.c_out, w.overlap(), n * w.stride);
         let mut tail = match carry.get() {
-            Some(t) => cpu_f32(t)?,
+            Some(t) => host_f32(t)?,
             None => Vec::new(),
         };
         let mut out = vec![0f32; b * c_out * emitted];
@@ -514,8 +515,8 @@ impl SnakeBeta {
             .recip()?
             .reshape((1, channels, 1))?;
         Ok(Self {
-            alpha_cpu: alpha.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
-            inv_beta_cpu: inv_beta.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            alpha_cpu: host_f32(&alpha)?,
+            inv_beta_cpu: host_f32(&inv_beta)?,
             alpha,
             inv_beta,
         })
@@ -538,10 +539,6 @@ impl SnakeBeta {
 }
 
 /// The f32 elements of a tensor in row-major order, on the host.
-fn cpu_f32(t: &Tensor) -> CResult<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
-}
-
 /// Runs `f` on the elements of a contiguous f32 tensor on the CPU, in place.
 fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
     let (storage, layout) = t.storage_and_layout();
@@ -557,7 +554,7 @@ fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult
 /// output rows [B, C', t'] and t'.
 fn on_cpu(xs: &Tensor, step: impl FnOnce(&[f32], usize, usize) -> CResult<(Vec<f32>, usize)>) -> CResult<Tensor> {
     let (b, _, t) = xs.dims3()?;
-    let (ys, t_out) = step(&cpu_f32(xs)?, b, t)?;
+    let (ys, t_out) = step(&host_f32(xs)?, b, t)?;
     let channels = ys.len() / (b * t_out).max(1);
     Tensor::from_vec(ys, (b, channels, t_out), &Device::Cpu)
 }
@@ -1409,7 +1406,7 @@ impl SpeechDecoder {
         };
         let mut h = self
             .vocoder_input
-            .step_cpu(&mut state.vocoder_input, &cpu_f32(hidden)?, b, t, None, None)?;
+            .step_cpu(&mut state.vocoder_input, &host_f32(hidden)?, b, t, None, None)?;
         report(Stage::Vocoder(0), &h, t)?;
         for (i, (block, carries)) in self.vocoder_blocks.iter().zip(&mut state.vocoder_blocks).enumerate() {
             (h, t) = block.step_cpu(carries, &h, b, t)?;

@@ -9,8 +9,9 @@
 //! stack runs on the CPU whatever the model's device.
 
 use super::encoder::{EncoderConfig, PadMode};
+use super::host_f32;
 use super::kernels::ConvWeights;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// `MimiConv1d` with `use_causal_conv`: left padding of `kernel − stride` (dilated kernel), right
@@ -37,14 +38,8 @@ impl CausalConv {
         pad_mode: PadMode,
     ) -> Result<Self> {
         let vb = vb.pp("conv");
-        let host = |t: Tensor| {
-            t.to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-        };
-        let weight = host(vb.get((c_out, c_in, kernel), "weight")?)?;
-        let bias = host(vb.get(c_out, "bias")?)?;
+        let weight = host_f32(&vb.get((c_out, c_in, kernel), "weight")?)?;
+        let bias = host_f32(&vb.get(c_out, "bias")?)?;
         let weights = if stride == 1 {
             ConvWeights::new(&weight, bias, c_out, c_in, kernel, dilation)
         } else {
