@@ -154,6 +154,7 @@ unsafe fn axpy_avx2(a: f32, v: &[f32], o: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::KvHead;
+    use crate::model::activation;
     use std::arch::x86_64::*;
 
     /// `attend_heads` where it applies; false (nothing written) elsewhere.
@@ -174,8 +175,8 @@ mod simd {
     }
 
     /// `V` vectors of 16 per head. Each score is the dot product in two interleaved chains,
-    /// scaled; softmax as the portable path (max of the scaled scores, `exp`, sum in order,
-    /// weights e / sum); the output accumulates `weight · value` with FMA position by position.
+    /// scaled; softmax as the portable path (max of the scaled scores, `exp` (16 lanes wide
+    /// here), sum in order, weights e / sum); the output accumulates `weight · value` with FMA position by position.
     #[target_feature(enable = "avx512f")]
     unsafe fn heads_v<const V: usize>(
         queries: &[f32],
@@ -201,11 +202,9 @@ mod simd {
                 *score = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
             }
             let max = scores[..seen].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0f32;
-            for s in &mut scores[..seen] {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
+            scores[..seen].iter_mut().for_each(|s| *s -= max);
+            activation::exp_in_place(&mut scores[..seen]);
+            let sum: f32 = scores[..seen].iter().sum();
             let mut o = [_mm512_setzero_ps(); V];
             for (u, &e) in scores[..seen].iter().enumerate() {
                 let (w, value) = (_mm512_set1_ps(e / sum), vp.add(u * hd));

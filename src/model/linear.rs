@@ -116,23 +116,62 @@ fn cpu_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
     }
-    let n = w.dim(0)?;
     let x = x.contiguous()?;
     let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+    let Storage::Cpu(xs) = &*xs else {
         return Ok(None);
     };
     let xv = &xs.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + m * k];
+    let n = w.dim(0)?;
+    host_rows(xv, m, k, w)?
+        .map(|y| Tensor::from_vec(y, (m, n), &Device::Cpu))
+        .transpose()
+}
+
+/// `x Wᵀ` for host rows `x` ([m, k]) and a contiguous CPU weight (f32 or bf16), as [`cpu_rows`].
+fn host_rows(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Option<Vec<f32>>> {
+    let n = w.dim(0)?;
+    let (ws, wl) = w.storage_and_layout();
+    let Storage::Cpu(ws) = &*ws else {
+        return Ok(None);
+    };
     let (start, end) = (wl.start_offset(), wl.start_offset() + n * k);
     let few = m <= gemv::PROJECTION_ROWS;
-    let y = match w.dtype() {
-        DType::F32 => gemv::matmul_wt(xv, m, k, &ws.as_slice::<f32>()?[start..end], n),
-        DType::BF16 if few => gemv::matmul_wt(xv, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
-        DType::BF16 => gemv::matmul_wt_widened(xv, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
+    Ok(Some(match w.dtype() {
+        DType::F32 if few => gemv::matmul_wt(x, m, k, &ws.as_slice::<f32>()?[start..end], n),
+        DType::BF16 if few => gemv::matmul_wt(x, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
+        DType::BF16 => gemv::matmul_wt_widened(x, m, k, &ws.as_slice::<half::bf16>()?[start..end], n),
         _ => return Ok(None),
-    };
-    Ok(Some(Tensor::from_vec(y, (m, n), &Device::Cpu)?))
+    }))
+}
+
+impl Linear {
+    /// `x Wᵀ (+ b)` for `m` f32 rows held on the host ([m, in], row-major), on CPU: what the
+    /// decoder's fused step path calls, without a tensor around its buffers.
+    pub fn forward_host(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let k = x.len() / m.max(1);
+        let through_tensor = |x: &[f32]| -> Result<Vec<f32>> {
+            let y = self.forward(&Tensor::from_slice(x, (m, k), &Device::Cpu)?)?;
+            y.flatten_all()?.to_vec1::<f32>()
+        };
+        let mut y = match &self.weight {
+            Projection::Q8(q) => q.matmul_wt(x, m),
+            Projection::Dense(w) | Projection::Bf16(w) => match host_rows(x, m, k, w)? {
+                Some(y) => y,
+                None => return through_tensor(x),
+            },
+            Projection::Quantized(_) => return through_tensor(x),
+        };
+        if let Some(b) = &self.bias {
+            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for row in y.chunks_exact_mut(b.len()) {
+                for (y, b) in row.iter_mut().zip(&b) {
+                    *y += b;
+                }
+            }
+        }
+        Ok(y)
+    }
 }
 
 impl Module for Linear {

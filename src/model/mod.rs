@@ -1,4 +1,5 @@
 //! Qwen3-TTS-12Hz in candle.
+pub mod activation;
 pub mod attention;
 pub mod code_predictor;
 pub mod config;

@@ -9,10 +9,11 @@
 //! `KvCache` per sequence. Weight matmuls run once over all rows; attention runs per sequence
 //! against its own cache, so sequences of different lengths need no padding.
 
+use super::activation;
 use super::attention::{self, CachedRows, Heads};
 use super::gemv;
 use super::linear::{Linear, WeightFormat};
-use candle_core::{DType, Device, Module, Result, Storage, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Sizes of one decoder stack.
@@ -33,15 +34,36 @@ pub struct DecoderConfig {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
+    /// The weight on the host, for the CPU step path (empty on an accelerator).
+    host_weight: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let host_weight = match weight.device().is_cpu() {
+            true => weight.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            false => Vec::new(),
+        };
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
+            weight,
+            host_weight,
             eps: eps as f32,
         })
+    }
+
+    /// Normalizes each `weight`-wide row of `src` into `dst`, as candle's `rms_norm` on CPU
+    /// (`x / rms · weight`) but with the mean of squares summed in 16 lanes.
+    fn forward_host(&self, src: &[f32], dst: &mut [f32]) {
+        let dim = self.host_weight.len();
+        for (s, d) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+            let sum2 = activation::sum_of_squares(s);
+            let m = (sum2 / dim as f32 + self.eps).sqrt();
+            for ((d, s), w) in d.iter_mut().zip(s).zip(&self.host_weight) {
+                *d = *s / m * *w;
+            }
+        }
     }
 }
 
@@ -60,10 +82,149 @@ pub struct KvCache {
 
 #[derive(Debug, Clone)]
 struct LayerKv {
-    /// [kv_heads, capacity, head_dim]
-    k: Tensor,
-    v: Tensor,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
     len: usize,
+    store: KvStore,
+}
+
+/// Keys and values, [kv_heads, capacity, head_dim] each.
+#[derive(Debug, Clone)]
+enum KvStore {
+    /// On CPU: host buffers the step path writes and the attention kernel reads in place.
+    Host { k: Vec<f32>, v: Vec<f32> },
+    /// On an accelerator.
+    Device { k: Tensor, v: Tensor },
+}
+
+impl LayerKv {
+    fn new(kv_heads: usize, head_dim: usize, capacity: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let store = if device.is_cpu() {
+            let len = kv_heads * capacity * head_dim;
+            KvStore::Host {
+                k: vec![0.0; len],
+                v: vec![0.0; len],
+            }
+        } else {
+            // Two allocations: clones of one tensor would share the storage `slice_set` writes.
+            let buffer = || Tensor::zeros((kv_heads, capacity, head_dim), dtype, device);
+            KvStore::Device {
+                k: buffer()?,
+                v: buffer()?,
+            }
+        };
+        Ok(Self {
+            kv_heads,
+            head_dim,
+            capacity,
+            len: 0,
+            store,
+        })
+    }
+
+    /// A copy of the first `len` positions in buffers of `capacity` positions.
+    fn copy_prefix(&self, len: usize, capacity: usize) -> Result<Self> {
+        let (device, dtype) = match &self.store {
+            KvStore::Host { .. } => (Device::Cpu, DType::F32),
+            KvStore::Device { k, .. } => (k.device().clone(), k.dtype()),
+        };
+        let mut copy = Self::new(self.kv_heads, self.head_dim, capacity, &device, dtype)?;
+        copy.len = len;
+        match (&self.store, &mut copy.store) {
+            (KvStore::Host { k, v }, KvStore::Host { k: ck, v: cv }) => {
+                let hd = self.head_dim;
+                for g in 0..self.kv_heads {
+                    let (from, to) = (g * self.capacity * hd, g * capacity * hd);
+                    ck[to..to + len * hd].copy_from_slice(&k[from..from + len * hd]);
+                    cv[to..to + len * hd].copy_from_slice(&v[from..from + len * hd]);
+                }
+            }
+            (KvStore::Device { k, v }, KvStore::Device { k: ck, v: cv }) => {
+                ck.slice_set(&k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                cv.slice_set(&v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+            _ => unreachable!("a copy is made where its original lives"),
+        }
+        Ok(copy)
+    }
+
+    /// Room for `n` more positions, doubling the capacity when needed.
+    fn reserve(&mut self, n: usize) -> Result<()> {
+        if self.len + n > self.capacity {
+            let grown = self.copy_prefix(self.len, (self.len + n).next_power_of_two())?;
+            *self = grown;
+        }
+        Ok(())
+    }
+
+    /// Stores `n` new positions after the cached ones: `k` and `v` hold them as [n, kv_heads,
+    /// head_dim] on the host.
+    fn append_host(&mut self, k: &[f32], v: &[f32], n: usize) -> Result<()> {
+        self.reserve(n)?;
+        let (hd, heads, cap, len) = (self.head_dim, self.kv_heads, self.capacity, self.len);
+        let KvStore::Host { k: ck, v: cv } = &mut self.store else {
+            candle_core::bail!("host rows for a cache on an accelerator");
+        };
+        for t in 0..n {
+            for g in 0..heads {
+                let (from, to) = ((t * heads + g) * hd, (g * cap + len + t) * hd);
+                ck[to..to + hd].copy_from_slice(&k[from..from + hd]);
+                cv[to..to + hd].copy_from_slice(&v[from..from + hd]);
+            }
+        }
+        self.len += n;
+        Ok(())
+    }
+
+    /// Stores `k`, `v` ([n, kv_heads, head_dim] tensors) after the cached positions.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        if matches!(self.store, KvStore::Host { .. }) {
+            let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            return self.append_host(&host(k)?, &host(v)?, k.dim(0)?);
+        }
+        let n = k.dim(0)?;
+        self.reserve(n)?;
+        let KvStore::Device { k: ck, v: cv } = &self.store else {
+            unreachable!("checked above");
+        };
+        ck.slice_set(&k.transpose(0, 1)?.contiguous()?, 1, self.len)?;
+        cv.slice_set(&v.transpose(0, 1)?.contiguous()?, 1, self.len)?;
+        self.len += n;
+        Ok(())
+    }
+
+    /// The whole history as tensors, [kv_heads, len, head_dim] each.
+    fn history(&self) -> Result<(Tensor, Tensor)> {
+        match &self.store {
+            KvStore::Host { k, v } => {
+                let (hd, cap, len) = (self.head_dim, self.capacity, self.len);
+                let gather = |buffer: &[f32]| {
+                    let rows: Vec<f32> = (0..self.kv_heads)
+                        .flat_map(|g| buffer[g * cap * hd..(g * cap + len) * hd].iter().copied())
+                        .collect();
+                    Tensor::from_vec(rows, (self.kv_heads, len, hd), &Device::Cpu)
+                };
+                Ok((gather(k)?, gather(v)?))
+            }
+            KvStore::Device { k, v } => Ok((k.narrow(1, 0, self.len)?, v.narrow(1, 0, self.len)?)),
+        }
+    }
+
+    /// The host buffers, for the attention kernel.
+    fn host(&self) -> Result<(&[f32], &[f32])> {
+        match &self.store {
+            KvStore::Host { k, v } => Ok((k, v)),
+            KvStore::Device { .. } => candle_core::bail!("the attention kernel runs on CPU"),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match &self.store {
+            KvStore::Host { k, .. } => 2 * k.len() * std::mem::size_of::<f32>(),
+            KvStore::Device { k, .. } => 2 * k.elem_count() * k.dtype().size_in_bytes(),
+        }
+    }
 }
 
 impl KvCache {
@@ -78,32 +239,17 @@ impl KvCache {
 
     /// Bytes held by the buffers (capacity, not length).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
-            .sum()
+        self.layers.iter().map(LayerKv::bytes).sum()
     }
 
-    /// A copy of the first `len` positions with buffers of its own (a clone would share them,
-    /// and `append` writes in place).
+    /// A copy of the first `len` positions with buffers of its own (a clone would share
+    /// accelerator buffers, and appends write in place).
     pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {
+        let capacity = len.max(64).next_power_of_two();
         let layers = self
             .layers
             .iter()
-            .map(|l| {
-                let (kv_heads, _, head_dim) = l.k.dims3()?;
-                let cap = len.max(64).next_power_of_two();
-                let copy = |t: &Tensor| -> Result<Tensor> {
-                    let buffer = Tensor::zeros((kv_heads, cap, head_dim), t.dtype(), t.device())?;
-                    buffer.slice_set(&t.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-                    Ok(buffer)
-                };
-                Ok(LayerKv {
-                    k: copy(&l.k)?,
-                    v: copy(&l.v)?,
-                    len,
-                })
-            })
+            .map(|l| l.copy_prefix(len, capacity))
             .collect::<Result<_>>()?;
         Ok(KvCache { layers })
     }
@@ -115,41 +261,21 @@ impl KvCache {
         }
     }
 
-    /// Appends `k`, `v` ([kv_heads, n, head_dim]) to layer `i`.
-    fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let (kv_heads, n, head_dim) = k.dims3()?;
+    /// Layer `i` for rows of `x`'s device and dtype, created (with room for `n` first
+    /// positions) when this is its first use.
+    fn layer(
+        &mut self,
+        i: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        n: usize,
+        x: (&Device, DType),
+    ) -> Result<&mut LayerKv> {
         if self.layers.len() <= i {
-            let cap = (n.max(64)).next_power_of_two();
-            // Two allocations: clones of one tensor would share the storage `slice_set` writes.
-            let buffer = || Tensor::zeros((kv_heads, cap, head_dim), k.dtype(), k.device());
-            self.layers.push(LayerKv {
-                k: buffer()?,
-                v: buffer()?,
-                len: 0,
-            });
+            let capacity = n.max(64).next_power_of_two();
+            self.layers.push(LayerKv::new(kv_heads, head_dim, capacity, x.0, x.1)?);
         }
-        let layer = &mut self.layers[i];
-        let cap = layer.k.dim(1)?;
-        if layer.len + n > cap {
-            let new_cap = (layer.len + n).next_power_of_two();
-            let grow = |old: &Tensor| -> Result<Tensor> {
-                let t = Tensor::zeros((kv_heads, new_cap, head_dim), old.dtype(), old.device())?;
-                t.slice_set(&old.narrow(1, 0, layer.len)?.contiguous()?, 1, 0)?;
-                Ok(t)
-            };
-            layer.k = grow(&layer.k)?;
-            layer.v = grow(&layer.v)?;
-        }
-        layer.k.slice_set(&k.contiguous()?, 1, layer.len)?;
-        layer.v.slice_set(&v.contiguous()?, 1, layer.len)?;
-        layer.len += n;
-        Ok(())
-    }
-
-    /// Views of layer `i`'s whole history, [kv_heads, len, head_dim] each.
-    fn history(&self, i: usize) -> Result<(Tensor, Tensor)> {
-        let layer = &self.layers[i];
-        Ok((layer.k.narrow(1, 0, layer.len)?, layer.v.narrow(1, 0, layer.len)?))
+        Ok(&mut self.layers[i])
     }
 }
 
@@ -158,6 +284,7 @@ impl KvCache {
 pub struct Rope {
     /// [1, head_dim / 2]
     inv_freq: Tensor,
+    inv_freq_host: Vec<f32>,
 }
 
 impl Rope {
@@ -166,10 +293,19 @@ impl Rope {
             .step_by(2)
             .map(|i| 1.0 / (theta as f32).powf(i as f32 / head_dim as f32))
             .collect();
-        let n = inv.len();
         Ok(Self {
-            inv_freq: Tensor::from_vec(inv, (1, n), device)?,
+            inv_freq: Tensor::from_slice(&inv, (1, inv.len()), device)?,
+            inv_freq_host: inv,
         })
+    }
+
+    /// cos, sin as [rows, head_dim / 2] on the host: the same f32 products and `cos`/`sin` as
+    /// [`Rope::tables`].
+    fn host_tables(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        let freqs = positions
+            .iter()
+            .flat_map(|&p| self.inv_freq_host.iter().map(move |&f| p as f32 * f));
+        freqs.map(|f| (f.cos(), f.sin())).unzip()
     }
 
     /// cos, sin of shape [rows, 1, head_dim / 2] for the given positions.
@@ -299,6 +435,10 @@ impl Decoder {
             let start = s.cache.len() as u32;
             positions.extend(start..start + s.rows as u32);
         }
+        let few_rows = seqs.iter().all(|s| s.rows <= gemv::PROJECTION_ROWS);
+        if few_rows && x.device().is_cpu() && x.dtype() == DType::F32 {
+            return self.forward_host(x, &positions, seqs, keep_layers);
+        }
         let (cos, sin) = self.rope.tables(&positions)?;
         let mut x = x.clone();
         let mut layers = Vec::new();
@@ -319,7 +459,58 @@ impl Decoder {
     }
 }
 
+/// The decoder's CPU path for decode steps and short prefills (every sequence at most
+/// [`gemv::PROJECTION_ROWS`] rows): the same arithmetic as the tensor path, on host buffers.
+/// Hand-written because a decode step's norms, RoPE, cache appends and activations are ~20
+/// candle ops per layer on a few rows each, whose dispatch, allocation and single-threaded
+/// stretches between the parallel matmuls took ~20 % of a batch-10 step on a 2-core Zen 4.
+impl Decoder {
+    fn forward_host(
+        &self,
+        x: &Tensor,
+        positions: &[u32],
+        seqs: &mut [SeqRows],
+        keep_layers: bool,
+    ) -> Result<DecoderOutput> {
+        let (n, width) = x.dims2()?;
+        let (cos, sin) = self.rope.host_tables(positions);
+        let mut x = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut normed = vec![0f32; x.len()];
+        let mut layers = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.input_layernorm.forward_host(&x, &mut normed);
+            let attn = layer.self_attn.forward_host(&normed, n, (&cos, &sin), i, seqs)?;
+            add_assign(&mut x, &attn);
+            layer.post_attention_layernorm.forward_host(&x, &mut normed);
+            add_assign(&mut x, &layer.mlp.forward_host(&normed, n)?);
+            if keep_layers {
+                layers.push(Tensor::from_slice(&x, (n, width), &Device::Cpu)?);
+            }
+        }
+        self.norm.forward_host(&x, &mut normed);
+        Ok(DecoderOutput {
+            hidden: Tensor::from_vec(normed, (n, width), &Device::Cpu)?,
+            layers,
+        })
+    }
+}
+
+/// `x += y`, element by element (the residual connections).
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
+    }
+}
+
 impl Mlp {
+    /// [`Mlp::forward`] on `n` host rows.
+    fn forward_host(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let gate_up = self.gate_up_proj.forward_host(x, n)?;
+        let mut act = vec![0f32; n * self.intermediate];
+        activation::silu_mul(&gate_up, self.intermediate, &mut act);
+        self.down_proj.forward_host(&act, n)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
         let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
@@ -347,40 +538,72 @@ impl Attention {
         let mut pasts = Vec::with_capacity(seqs.len());
         let mut start = 0;
         for s in seqs.iter_mut() {
-            pasts.push(s.cache.layers.get(layer).map_or(0, |l| l.len));
-            let k_new = k.narrow(0, start, s.rows)?.transpose(0, 1)?;
-            let v_new = v.narrow(0, start, s.rows)?.transpose(0, 1)?;
-            s.cache.append(layer, &k_new, &v_new)?;
+            let cache = s.cache.layer(layer, nkv, hd, s.rows, (x.device(), x.dtype()))?;
+            pasts.push(cache.len);
+            cache.append(&k.narrow(0, start, s.rows)?, &v.narrow(0, start, s.rows)?)?;
             start += s.rows;
         }
-        let few_rows = seqs.iter().all(|s| s.rows <= gemv::PROJECTION_ROWS);
-        let o = if few_rows && x.device().is_cpu() && x.dtype() == DType::F32 {
-            self.attend_cpu(&q, layer, seqs, &pasts, scale as f32)?
-        } else {
-            self.attend_ops(&q, layer, seqs, &pasts, scale)?
-        };
-        self.o_proj.forward(&o)
+        self.o_proj.forward(&self.attend_ops(&q, layer, seqs, &pasts, scale)?)
     }
 
-    /// Decode steps and prefills up to [`gemv::PROJECTION_ROWS`] on CPU: the attention kernel,
-    /// reading each cache in place.
-    fn attend_cpu(&self, q: &Tensor, layer: usize, seqs: &[SeqRows], pasts: &[usize], scale: f32) -> Result<Tensor> {
-        let n = q.dim(0)?;
-        let q = q.contiguous()?;
-        let (q_storage, q_layout) = q.storage_and_layout();
-        let q_all = cpu_f32(&q_storage)?;
-        let q_rows = &q_all[q_layout.start_offset()..q_layout.start_offset() + q.elem_count()];
-        let mut buffers = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            let l = &s.cache.layers[layer];
-            buffers.push((l.k.storage_and_layout().0, l.v.storage_and_layout().0, l.k.dim(1)?));
+    /// [`Attention::forward`] on `n` host rows (the rows of `seqs` in order) whose RoPE tables
+    /// are `cos_sin` ([n, head_dim / 2] each): q/k norm and RoPE per head, the new keys and
+    /// values appended to each cache, then the attention kernel and `o_proj`.
+    fn forward_host(
+        &self,
+        x: &[f32],
+        n: usize,
+        cos_sin: (&[f32], &[f32]),
+        layer: usize,
+        seqs: &mut [SeqRows],
+    ) -> Result<Vec<f32>> {
+        let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
+        let qkv = self.qkv_proj.forward_host(x, n)?;
+        let width = (nh + 2 * nkv) * hd;
+        let (mut q, mut k, mut v) = (
+            vec![0f32; n * nh * hd],
+            vec![0f32; n * nkv * hd],
+            vec![0f32; n * nkv * hd],
+        );
+        let half = hd / 2;
+        for (r, row) in qkv.chunks_exact(width).enumerate() {
+            let (cos, sin) = (
+                &cos_sin.0[r * half..(r + 1) * half],
+                &cos_sin.1[r * half..(r + 1) * half],
+            );
+            let q_row = &mut q[r * nh * hd..(r + 1) * nh * hd];
+            self.q_norm.forward_host(&row[..nh * hd], q_row);
+            let k_row = &mut k[r * nkv * hd..(r + 1) * nkv * hd];
+            self.k_norm.forward_host(&row[nh * hd..(nh + nkv) * hd], k_row);
+            for head in q_row.chunks_exact_mut(hd).chain(k_row.chunks_exact_mut(hd)) {
+                rope_host(head, cos, sin);
+            }
+            v[r * nkv * hd..(r + 1) * nkv * hd].copy_from_slice(&row[(nh + nkv) * hd..]);
         }
+        let mut pasts = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for s in seqs.iter_mut() {
+            let cache = s.cache.layer(layer, nkv, hd, s.rows, (&Device::Cpu, DType::F32))?;
+            pasts.push(cache.len);
+            let rows = start * nkv * hd..(start + s.rows) * nkv * hd;
+            cache.append_host(&k[rows.clone()], &v[rows], s.rows)?;
+            start += s.rows;
+        }
+        let out = self.attend_host(&q, layer, seqs, &pasts)?;
+        self.o_proj.forward_host(&out, n)
+    }
+
+    /// The attention kernel over host queries ([N, heads, head_dim]), reading each cache in
+    /// place.
+    fn attend_host(&self, q: &[f32], layer: usize, seqs: &[SeqRows], pasts: &[usize]) -> Result<Vec<f32>> {
         let mut cached = Vec::with_capacity(seqs.len());
-        for ((s, &past), (k, v, capacity)) in seqs.iter().zip(pasts).zip(&buffers) {
+        for (s, &past) in seqs.iter().zip(pasts) {
+            let l = &s.cache.layers[layer];
+            let (keys, values) = l.host()?;
             cached.push(CachedRows {
-                keys: cpu_f32(k)?,
-                values: cpu_f32(v)?,
-                capacity: *capacity,
+                keys,
+                values,
+                capacity: l.capacity,
                 past,
                 rows: s.rows,
             });
@@ -390,11 +613,11 @@ impl Attention {
             kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
         };
-        let out = attention::attend(q_rows, &cached, shape, scale);
-        Tensor::from_vec(out, (n, self.num_heads * self.head_dim), &Device::Cpu)
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        Ok(attention::attend(q, &cached, shape, scale as f32))
     }
 
-    /// Any device, any row count: candle ops per sequence.
+    /// Candle ops per sequence (any device; on CPU prefills over [`gemv::PROJECTION_ROWS`]).
     fn attend_ops(&self, q: &Tensor, layer: usize, seqs: &[SeqRows], pasts: &[usize], scale: f64) -> Result<Tensor> {
         let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
         let rep = nh / nkv;
@@ -402,7 +625,7 @@ impl Attention {
         let mut start = 0;
         for (s, &past) in seqs.iter().zip(pasts) {
             let rows = s.rows;
-            let (k_all, v_all) = s.cache.history(layer)?;
+            let (k_all, v_all) = s.cache.layers[layer].history()?;
             // Query heads h = g·rep + r share key/value head g (repeat_kv): group them so one
             // batched matmul per kv head covers its `rep` query heads without copying keys.
             let q_seq = q
@@ -428,11 +651,14 @@ impl Attention {
     }
 }
 
-/// The f32 data of a CPU storage.
-fn cpu_f32(storage: &Storage) -> Result<&[f32]> {
-    match storage {
-        Storage::Cpu(c) => c.as_slice::<f32>(),
-        _ => candle_core::bail!("the attention kernel runs on CPU"),
+/// candle's rotate-half RoPE (`rope`, non-interleaved) on one head in place.
+fn rope_host(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    let (x1, x2) = head.split_at_mut(half);
+    for (((a, b), c), s) in x1.iter_mut().zip(x2).zip(cos).zip(sin) {
+        let (x1, x2) = (*a, *b);
+        *a = x1 * c - x2 * s;
+        *b = x1 * s + x2 * c;
     }
 }
 
