@@ -674,3 +674,112 @@ fn causal_mask(rep: usize, rows: usize, past: usize, dtype: DType, device: &Devi
         .collect();
     Tensor::from_vec(mask, (rep * rows, total), device)?.to_dtype(dtype)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A random two-layer decoder with the talker's head layout scaled down.
+    fn decoder() -> Result<Decoder> {
+        let cfg = DecoderConfig {
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            attention_bias: false,
+        };
+        let dev = Device::Cpu;
+        let mut tensors = HashMap::new();
+        let mut put = |name: String, shape: &[usize]| -> Result<()> {
+            let t = match shape.len() {
+                1 => (Tensor::randn(0f32, 0.1, shape, &dev)? + 1.0)?,
+                _ => Tensor::randn(0f32, 0.15, shape, &dev)?,
+            };
+            tensors.insert(name, t);
+            Ok(())
+        };
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        for l in 0..cfg.num_layers {
+            let p = format!("layers.{l}");
+            put(format!("{p}.input_layernorm.weight"), &[h])?;
+            put(format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            put(format!("{p}.self_attn.q_proj.weight"), &[cfg.num_heads * hd, h])?;
+            put(format!("{p}.self_attn.k_proj.weight"), &[cfg.num_kv_heads * hd, h])?;
+            put(format!("{p}.self_attn.v_proj.weight"), &[cfg.num_kv_heads * hd, h])?;
+            put(format!("{p}.self_attn.o_proj.weight"), &[h, cfg.num_heads * hd])?;
+            put(format!("{p}.self_attn.q_norm.weight"), &[hd])?;
+            put(format!("{p}.self_attn.k_norm.weight"), &[hd])?;
+            put(format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
+            put(format!("{p}.mlp.up_proj.weight"), &[i, h])?;
+            put(format!("{p}.mlp.down_proj.weight"), &[h, i])?;
+        }
+        put("norm.weight".into(), &[h])?;
+        Decoder::load(
+            VarBuilder::from_tensors(tensors, DType::F32, &dev),
+            &cfg,
+            WeightFormat::Dense,
+        )
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+    }
+
+    /// A prompt longer than `PROJECTION_ROWS` takes the tensor path and fills the host cache;
+    /// the same rows in shorter chunks take the host path (growing the cache past its first
+    /// capacity). Both give the same hidden states, and the steps after them agree.
+    #[test]
+    fn host_path_agrees_with_the_tensor_path_and_across_cache_growth() -> Result<()> {
+        let dec = decoder()?;
+        let rows = gemv::PROJECTION_ROWS + 22;
+        let x = Tensor::randn(0f32, 1.0, (rows + 3, 64), &Device::Cpu)?;
+        let mut whole = KvCache::default();
+        let prompt = x.narrow(0, 0, rows)?;
+        let a = dec.forward(
+            &prompt,
+            &mut [SeqRows {
+                rows,
+                cache: &mut whole,
+            }],
+            false,
+        )?;
+        let mut chunked = KvCache::default();
+        let mut parts = Vec::new();
+        for (start, len) in [(0, 100), (100, rows - 100)] {
+            let seq = &mut [SeqRows {
+                rows: len,
+                cache: &mut chunked,
+            }];
+            parts.push(dec.forward(&x.narrow(0, start, len)?, seq, false)?.hidden);
+        }
+        assert!(max_rel_diff(&Tensor::cat(&parts, 0)?, &a.hidden)? < 1e-5);
+        assert_eq!((whole.len(), chunked.len()), (rows, rows));
+        for t in rows..rows + 3 {
+            let row = x.narrow(0, t, 1)?;
+            let a = dec.forward(
+                &row,
+                &mut [SeqRows {
+                    rows: 1,
+                    cache: &mut whole,
+                }],
+                false,
+            )?;
+            let b = dec.forward(
+                &row,
+                &mut [SeqRows {
+                    rows: 1,
+                    cache: &mut chunked,
+                }],
+                false,
+            )?;
+            assert!(max_rel_diff(&b.hidden, &a.hidden)? < 1e-5, "step at position {t}");
+        }
+        Ok(())
+    }
+}
