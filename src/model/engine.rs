@@ -297,7 +297,11 @@ impl TtsModel {
     /// Advances each sequence by one frame. `inputs[i]` says how sequence i picks its codes;
     /// `trace` adds the step's internals to each frame. A sequence that has ended stays ended.
     pub fn step(&self, seqs: &mut [&mut Sequence], inputs: &[StepInput], trace: bool) -> Result<Vec<StepOutcome>> {
-        super::on_worker(|| self.step_here(seqs, inputs, trace))
+        // A decode step's kernels are koe's (host path) unless candle's quantized matmuls are.
+        match self.format.uses_candle_pool() {
+            true => super::on_worker(|| self.step_here(seqs, inputs, trace)),
+            false => super::on_worker_helped(|| self.step_here(seqs, inputs, trace)),
+        }
     }
 
     fn step_here(&self, seqs: &mut [&mut Sequence], inputs: &[StepInput], trace: bool) -> Result<Vec<StepOutcome>> {

@@ -31,6 +31,14 @@ impl std::str::FromStr for WeightFormat {
     }
 }
 
+impl WeightFormat {
+    /// Whether CPU projections in this format run on candle's quantized matmuls (its own
+    /// thread pool) rather than on koe's rayon kernels.
+    pub fn uses_candle_pool(self) -> bool {
+        matches!(self, Self::Quantized(q) if !(q == GgmlDType::Q8_0 && q8::preferred()))
+    }
+}
+
 /// `y = x Wᵀ (+ b)` over rows `x: [N, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {

@@ -25,6 +25,17 @@ pub mod weights;
 pub(crate) fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match rayon::current_thread_index() {
         Some(_) => f(),
+        None => rayon::join(f, || ()).0,
+    }
+}
+
+/// [`on_worker`] with a helper keeping a second worker awake ([`with_helper`]), for work whose
+/// parallel kernels all run on rayon: candle's quantized matmuls and large element-wise ops run
+/// on candle's own spin-waiting threads, which the helper would starve (a q4_k step took 3×
+/// as long with it).
+pub(crate) fn on_worker_helped<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match rayon::current_thread_index() {
+        Some(_) => f(),
         None => rayon::join(|| with_helper(f), || ()).0,
     }
 }
