@@ -176,7 +176,8 @@ mod simd {
 
     /// `V` vectors of 16 per head. Each score is the dot product in two interleaved chains,
     /// scaled; softmax as the portable path (max of the scaled scores, `exp` (16 lanes wide
-    /// here), sum in order, weights e / sum); the output accumulates `weight · value` with FMA position by position.
+    /// here), sum in order, weights e / sum); the output accumulates `weight · value` with FMA
+    /// position by position.
     #[target_feature(enable = "avx512f")]
     unsafe fn heads_v<const V: usize>(
         queries: &[f32],

@@ -155,7 +155,7 @@ fn host_rows(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Option<Vec<f32
 
 impl Linear {
     /// `x Wᵀ (+ b)` for `m` f32 rows held on the host ([m, in], row-major), on CPU: what the
-    /// decoder's fused step path calls, without a tensor around its buffers.
+    /// decoder's host step path calls, without a tensor around its buffers.
     pub fn forward_host(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let k = x.len() / m.max(1);
         let through_tensor = |x: &[f32]| -> Result<Vec<f32>> {
