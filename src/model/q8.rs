@@ -198,6 +198,17 @@ impl Q8Weight {
     }
 }
 
+/// `x` ([m, k]) quantized to Q8_0 and back: the inputs the kernels multiply.
+#[cfg(test)]
+pub(crate) fn dequantized_q8_0(x: &[f32], k: usize) -> Vec<f32> {
+    let q = Q8Rows::quantize(x, k);
+    q.values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v as f32 * q.scales[i / BLOCK])
+        .collect()
+}
+
 /// `y[r]` for the `y.len()` (≤ [`MAX_GROUP`]) input rows starting at `x`, against one weight row.
 fn dot_group(x: &[i8], x_scales: &[f32], w: &[i8], w_scales: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -274,9 +285,10 @@ mod avx2 {
     }
 }
 
-/// The AVX-512 VNNI kernel and its weight layout.
+/// The AVX-512 VNNI kernel and its weight layouts: Q8_0, and Q4_K for `model::q4k` (the same
+/// tiles and input quantization, weights as nibbles).
 #[cfg(target_arch = "x86_64")]
-mod vnni {
+pub(super) mod vnni {
     use super::{Q8Rows, BLOCK};
     use crate::model::gemv::SendPtr;
     use half::f16;
@@ -292,10 +304,9 @@ mod vnni {
     /// Input rows per pass over a tile: 12 accumulators of each kind fit AVX-512's 32 registers.
     const GROUP: usize = 12;
     /// Input rows from which a pass over a tile computes long enough per weight line that the
-    /// hardware prefetcher falls behind: those passes prefetch [`PREFETCH_AHEAD`] bytes ahead
-    /// (a tile's blocks, and the task's next tile, lie one after another).
+    /// hardware prefetcher falls behind: those passes prefetch four blocks ahead (a tile's
+    /// blocks, and the task's next tile, lie one after another).
     const PREFETCH_FROM: usize = 4;
-    const PREFETCH_AHEAD: usize = 4 * TILE_BLOCK;
     /// Rows from which one `vpdpbusd` chain per row keeps the unit busy.
     const ONE_CHAIN_FROM: usize = 5;
 
@@ -306,19 +317,36 @@ mod vnni {
             && std::is_x86_feature_detected!("avx512vnni")
     }
 
-    /// `[n, k]` in Q8_0 as tiles of 16 rows: per tile and block, the 32 values of each row in
-    /// groups of 4 (`[group 8][row 16][4]`, so a 64-byte load holds one group of every row),
-    /// stored as `value + 128` (`vpdpbusd` multiplies unsigned by signed bytes), and the 16
-    /// row scales in f16, as quantized.
+    /// `[n, k]` as tiles of 16 rows, block by block (32 values of each row), in one of two
+    /// formats ([`TileScales`]).
     #[derive(Debug, Clone)]
     pub struct Tiles {
         pub k: usize,
         values: Vec<u8>,
-        scales: Vec<f16>,
+        scales: TileScales,
     }
 
+    /// How a tile's blocks are stored and scaled.
+    #[derive(Debug, Clone)]
+    enum TileScales {
+        /// Q8_0: per block the 32 values of each row in groups of 4 (`[group 8][row 16][4]`, so
+        /// a 64-byte load holds one group of every row), stored as `value + 128` (`vpdpbusd`
+        /// multiplies unsigned by signed bytes); here the 16 row scales per block in f16, as
+        /// quantized.
+        Q8(Vec<f16>),
+        /// Q4_K: per block the groups in pairs, `[pair 4][row 16][4]` bytes holding group 2p in
+        /// the low nibbles and 2p+1 in the high ones (values 0..15, as stored); here per block
+        /// the 16 rows' 6-bit scales then mins (`[2][row 16]` bytes), and per super-block of 8
+        /// blocks the rows' `d` then `dmin / 128` (`[2][row 16]` f32), so a row's value is
+        /// `d·scale·q − dmin·min`, exactly candle's dequantization.
+        Q4K { scales_mins: Vec<u8>, d_dmin: Vec<f32> },
+    }
+
+    /// Blocks per Q4_K super-block.
+    pub const SUPER_BLOCKS: usize = 8;
+
     impl Tiles {
-        pub fn pack(rows: &Q8Rows, n: usize) -> Self {
+        pub(super) fn pack(rows: &Q8Rows, n: usize) -> Self {
             let k = rows.k;
             let blocks = k / BLOCK;
             let mut values = vec![0u8; n * k];
@@ -335,7 +363,49 @@ mod vnni {
                     scales[(tile * blocks + b) * TILE_ROWS + r] = f16::from_f32(w_scales[b]);
                 }
             }
-            Self { k, values, scales }
+            Self {
+                k,
+                values,
+                scales: TileScales::Q8(scales),
+            }
+        }
+
+        /// Tiles of `n` rows of `k` values (a multiple of 256) given as Q4_K super-blocks:
+        /// `block(j, s)` is row j's super-block s (its `d`, `dmin`, 8 scale/min pairs and the
+        /// 256 values 0..15 in order).
+        pub fn pack_q4k(n: usize, k: usize, block: impl Fn(usize, usize) -> Q4kBlock) -> Self {
+            let blocks = k / BLOCK;
+            let supers = blocks / SUPER_BLOCKS;
+            let mut values = vec![0u8; n * k / 2];
+            let mut scales_mins = vec![0u8; n * blocks * 2];
+            let mut d_dmin = vec![0f32; n * supers * 2];
+            for j in 0..n {
+                let (tile, r) = (j / TILE_ROWS, j % TILE_ROWS);
+                for s in 0..supers {
+                    let q = block(j, s);
+                    let at = (tile * supers + s) * 2 * TILE_ROWS;
+                    d_dmin[at + r] = q.d;
+                    d_dmin[at + TILE_ROWS + r] = q.dmin / 128.0;
+                    for (sub, (&scale, &min)) in q.scales.iter().zip(&q.mins).enumerate() {
+                        let b = s * SUPER_BLOCKS + sub;
+                        let at = (tile * blocks + b) * 2 * TILE_ROWS;
+                        (scales_mins[at + r], scales_mins[at + TILE_ROWS + r]) = (scale, min);
+                        let nibbles = &q.values[sub * BLOCK..(sub + 1) * BLOCK];
+                        let at = (tile * blocks + b) * TILE_BLOCK / 2;
+                        for pair in 0..4 {
+                            for i in 0..4 {
+                                let (lo, hi) = (nibbles[8 * pair + i], nibbles[8 * pair + 4 + i]);
+                                values[at + (pair * TILE_ROWS + r) * 4 + i] = lo | hi << 4;
+                            }
+                        }
+                    }
+                }
+            }
+            Self {
+                k,
+                values,
+                scales: TileScales::Q4K { scales_mins, d_dmin },
+            }
         }
 
         /// `x Wᵀ`: [m, n] row-major for the `m` rows of `x` ([m, k]). Tasks own a few whole
@@ -351,33 +421,92 @@ mod vnni {
                 .into_par_iter()
                 .with_min_len(TILES_PER_TASK)
                 .for_each(|tile| {
-                    let at = tile * blocks;
-                    let (w, d) = (&self.values[at * TILE_BLOCK..], &self.scales[at * TILE_ROWS..]);
+                    let weights = self.tile(tile);
                     for r0 in (0..m).step_by(per_group) {
                         let rows = per_group.min(m - r0);
-                        // SAFETY: AVX-512 F/BW/VNNI were detected before packing; `w` and `d` hold
-                        // `blocks` blocks of this tile, the group holds `rows` input rows, and this
-                        // task alone writes columns tile·16.. of `y` ([m, n]).
+                        // SAFETY: AVX-512 F/BW/VNNI were detected before packing; `weights` holds
+                        // `blocks` blocks of this tile, the group holds `rows` input rows, and
+                        // this task alone writes columns tile·16.. of `y` ([m, n]).
                         unsafe {
                             let (x, y) = (input.group(r0, rows), out.get().add(r0 * n + tile * TILE_ROWS));
-                            match rows {
-                                12 => tile_dot::<12>(w, d, blocks, x, y, n),
-                                11 => tile_dot::<11>(w, d, blocks, x, y, n),
-                                10 => tile_dot::<10>(w, d, blocks, x, y, n),
-                                9 => tile_dot::<9>(w, d, blocks, x, y, n),
-                                8 => tile_dot::<8>(w, d, blocks, x, y, n),
-                                7 => tile_dot::<7>(w, d, blocks, x, y, n),
-                                6 => tile_dot::<6>(w, d, blocks, x, y, n),
-                                5 => tile_dot::<5>(w, d, blocks, x, y, n),
-                                4 => tile_dot::<4>(w, d, blocks, x, y, n),
-                                3 => tile_dot::<3>(w, d, blocks, x, y, n),
-                                2 => tile_dot::<2>(w, d, blocks, x, y, n),
-                                _ => tile_dot::<1>(w, d, blocks, x, y, n),
+                            match weights {
+                                TileRef::Q8 { .. } => tile_dot_rows::<false>(rows, weights, blocks, x, y, n),
+                                TileRef::Q4K { .. } => tile_dot_rows::<true>(rows, weights, blocks, x, y, n),
                             }
                         }
                     }
                 });
             y
+        }
+
+        /// Tile `tile`'s part of the weights.
+        fn tile(&self, tile: usize) -> TileRef<'_> {
+            let blocks = self.k / BLOCK;
+            let at = tile * blocks;
+            match &self.scales {
+                TileScales::Q8(scales) => TileRef::Q8 {
+                    values: &self.values[at * TILE_BLOCK..(at + blocks) * TILE_BLOCK],
+                    scales: &scales[at * TILE_ROWS..(at + blocks) * TILE_ROWS],
+                },
+                TileScales::Q4K { scales_mins, d_dmin } => {
+                    let supers = blocks / SUPER_BLOCKS;
+                    TileRef::Q4K {
+                        values: &self.values[at * TILE_BLOCK / 2..(at + blocks) * TILE_BLOCK / 2],
+                        scales_mins: &scales_mins[at * 2 * TILE_ROWS..(at + blocks) * 2 * TILE_ROWS],
+                        d_dmin: &d_dmin[tile * supers * 2 * TILE_ROWS..(tile + 1) * supers * 2 * TILE_ROWS],
+                    }
+                }
+            }
+        }
+    }
+
+    /// One Q4_K super-block of one weight row, unpacked.
+    pub struct Q4kBlock {
+        pub d: f32,
+        pub dmin: f32,
+        pub scales: [u8; SUPER_BLOCKS],
+        pub mins: [u8; SUPER_BLOCKS],
+        /// The 256 stored values (0..15).
+        pub values: [u8; SUPER_BLOCKS * BLOCK],
+    }
+
+    /// One tile's weights ([`TileScales`]).
+    #[derive(Clone, Copy)]
+    enum TileRef<'a> {
+        Q8 {
+            values: &'a [u8],
+            scales: &'a [f16],
+        },
+        Q4K {
+            values: &'a [u8],
+            scales_mins: &'a [u8],
+            d_dmin: &'a [f32],
+        },
+    }
+
+    /// [`tile_dot`] for a group of `rows` (1..=[`GROUP`]) input rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_dot_rows<const Q4: bool>(
+        rows: usize,
+        w: TileRef,
+        blocks: usize,
+        x: Group,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        match rows {
+            12 => tile_dot::<12, Q4>(w, blocks, x, y, stride),
+            11 => tile_dot::<11, Q4>(w, blocks, x, y, stride),
+            10 => tile_dot::<10, Q4>(w, blocks, x, y, stride),
+            9 => tile_dot::<9, Q4>(w, blocks, x, y, stride),
+            8 => tile_dot::<8, Q4>(w, blocks, x, y, stride),
+            7 => tile_dot::<7, Q4>(w, blocks, x, y, stride),
+            6 => tile_dot::<6, Q4>(w, blocks, x, y, stride),
+            5 => tile_dot::<5, Q4>(w, blocks, x, y, stride),
+            4 => tile_dot::<4, Q4>(w, blocks, x, y, stride),
+            3 => tile_dot::<3, Q4>(w, blocks, x, y, stride),
+            2 => tile_dot::<2, Q4>(w, blocks, x, y, stride),
+            _ => tile_dot::<1, Q4>(w, blocks, x, y, stride),
         }
     }
 
@@ -472,18 +601,43 @@ mod vnni {
 
     /// `y[r·stride + jj] = Σ_b dx_rb · dw_jj,b · Σ_{i∈b} xq_ri · wq_jj,i` for `R` input rows and the 16
     /// rows of one tile. Per block and input row: the 4-value groups of x broadcast to all lanes,
-    /// `vpdpbusd` chains starting from −128·Σx (two per row, even and odd groups, while there are
-    /// too few rows to hide the instruction's latency; one from [`ONE_CHAIN_FROM`] rows, which
-    /// leaves registers for up to [`GROUP`] rows), then the integer dot scaled by dw·dx into an
-    /// f32 accumulator. The group's rows sit side by side per block ([`Input`]): constant offsets
-    /// from one pointer, where a pointer per row spilled registers into ~40 scalar instructions a
-    /// block (at 10 rows, 24 layers streamed, min of 15 on a Zen 4: 19.6 ms; the old layout with
-    /// the prefetch 26.7–27.6 ms, without it 30.5–34.8).
+    /// `vpdpbusd` chains (two per row, even and odd groups, while there are too few rows to
+    /// hide the instruction's latency; one from [`ONE_CHAIN_FROM`] rows, which leaves registers
+    /// for up to [`GROUP`] rows), then the integer dot scaled by dw·dx into an f32 accumulator.
+    /// Q8_0 (`Q4` false): the chains start from −128·Σx, which takes back the weights' `+ 128`.
+    /// Q4_K: the chains start from 0, a 64-byte load holds two groups as nibbles, dw is
+    /// `d·scale` and `dmin·min·dx·Σx` is taken off after the scaling (the input's −128·Σx times
+    /// the stored `dmin / 128`). The group's rows sit side by side per block ([`Input`]):
+    /// constant offsets from one pointer, where a pointer per row spilled registers into ~40
+    /// scalar instructions a block (at 10 rows, 24 layers streamed, min of 15 on a Zen 4:
+    /// 19.6 ms; the old layout with the prefetch 26.7–27.6 ms, without it 30.5–34.8).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_dot<const R: usize>(w: &[u8], d: &[f16], blocks: usize, x: Group, y: *mut f32, stride: usize) {
-        assert!(w.len() >= blocks * TILE_BLOCK && d.len() >= blocks * TILE_ROWS);
+    unsafe fn tile_dot<const R: usize, const Q4: bool>(
+        w: TileRef,
+        blocks: usize,
+        x: Group,
+        y: *mut f32,
+        stride: usize,
+    ) {
         assert!(x.values.len() == R * blocks * BLOCK && x.scales.len() == R * blocks && x.offsets.len() == R * blocks);
-        let (wp, dp) = (w.as_ptr(), d.as_ptr());
+        let (values, block_bytes) = match w {
+            TileRef::Q8 { values, scales } => {
+                assert!(!Q4 && scales.len() == blocks * TILE_ROWS);
+                (values, TILE_BLOCK)
+            }
+            TileRef::Q4K {
+                values,
+                scales_mins,
+                d_dmin,
+            } => {
+                assert!(Q4 && scales_mins.len() == blocks * 2 * TILE_ROWS);
+                assert!(d_dmin.len() == blocks / SUPER_BLOCKS * 2 * TILE_ROWS);
+                (values, TILE_BLOCK / 2)
+            }
+        };
+        assert!(values.len() == blocks * block_bytes);
+        let wp = values.as_ptr();
+        let nibble = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..blocks {
             let (xb, sb, ob) = (
@@ -493,18 +647,30 @@ mod vnni {
             );
             let mut even = [_mm512_setzero_si512(); R];
             let mut odd = [_mm512_setzero_si512(); R];
-            for (r, e) in even.iter_mut().enumerate() {
-                *e = _mm512_set1_epi32(*ob.add(r));
+            if !Q4 {
+                for (r, e) in even.iter_mut().enumerate() {
+                    *e = _mm512_set1_epi32(*ob.add(r));
+                }
             }
-            let wb = wp.add(b * TILE_BLOCK);
+            let wb = wp.add(b * block_bytes);
             if R >= PREFETCH_FROM {
-                for line in 0..TILE_BLOCK / 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH_AHEAD + 64 * line) as *const i8);
+                for line in 0..block_bytes / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(4 * block_bytes + 64 * line) as *const i8);
                 }
             }
             for g in 0..4 {
-                let w0 = _mm512_loadu_si512(wb.add(128 * g) as *const _);
-                let w1 = _mm512_loadu_si512(wb.add(128 * g + 64) as *const _);
+                let (w0, w1) = if Q4 {
+                    let v = _mm512_loadu_si512(wb.add(64 * g) as *const _);
+                    (
+                        _mm512_and_si512(v, nibble),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble),
+                    )
+                } else {
+                    (
+                        _mm512_loadu_si512(wb.add(128 * g) as *const _),
+                        _mm512_loadu_si512(wb.add(128 * g + 64) as *const _),
+                    )
+                };
                 for r in 0..R {
                     let xg = xb.add(r * BLOCK + 8 * g);
                     let x0 = _mm512_set1_epi32((xg as *const i32).read_unaligned());
@@ -517,11 +683,30 @@ mod vnni {
                     }
                 }
             }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(dp.add(b * TILE_ROWS) as *const __m256i));
-            for r in 0..R {
-                let dots = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*sb.add(r)));
-                acc[r] = _mm512_fmadd_ps(dots, scale, acc[r]);
+            match w {
+                TileRef::Q8 { scales, .. } => {
+                    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.as_ptr().add(b * TILE_ROWS) as *const __m256i));
+                    for r in 0..R {
+                        let dots = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
+                        acc[r] = _mm512_fmadd_ps(dots, _mm512_mul_ps(dw, _mm512_set1_ps(*sb.add(r))), acc[r]);
+                    }
+                }
+                TileRef::Q4K {
+                    scales_mins, d_dmin, ..
+                } => {
+                    let sm = scales_mins.as_ptr().add(b * 2 * TILE_ROWS);
+                    let dd = d_dmin.as_ptr().add(b / SUPER_BLOCKS * 2 * TILE_ROWS);
+                    let widen =
+                        |p: *const u8| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)));
+                    let dw = _mm512_mul_ps(_mm512_loadu_ps(dd), widen(sm));
+                    let dmin = _mm512_mul_ps(_mm512_loadu_ps(dd.add(TILE_ROWS)), widen(sm.add(TILE_ROWS)));
+                    for r in 0..R {
+                        let dx = *sb.add(r);
+                        let dots = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
+                        acc[r] = _mm512_fmadd_ps(dots, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[r]);
+                        acc[r] = _mm512_fmadd_ps(dmin, _mm512_set1_ps(dx * *ob.add(r) as f32), acc[r]);
+                    }
+                }
             }
         }
         for (r, a) in acc.iter().enumerate() {
