@@ -3,13 +3,16 @@
 //! the talker's and code predictor's shapes at 1 and 10 rows; the row kernel against gemm over
 //! widened tiles at prefill sizes (16 to 96 rows, bf16 weights), which sets
 //! `gemv::PROJECTION_ROWS`; then Q8_0: candle's `QMatMul` against koe's AVX2 kernel
-//! (`model::q8`: AVX-512 VNNI tiles where the CPU has them, else AVX2) at 1, 10 and 48 rows.
+//! (`model::q8`: AVX-512 VNNI tiles where the CPU has them, else AVX2) at 1, 10 and 48 rows;
+//! where the CPU has AVX-512 VNNI, Q4_K: candle's `QMatMul` against koe's tiles (`model::q4k`),
+//! beside koe's Q8_0 (min of alternated repetitions).
 //!
 //! cargo bench --bench kernels
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use koe::model::gemv::{matmul_wt, matmul_wt_widened};
+use koe::model::q4k::{self, Q4kWeight};
 use koe::model::q8::Q8Weight;
 use std::time::Instant;
 
@@ -176,6 +179,53 @@ fn main() -> anyhow::Result<()> {
             }
         });
         println!("| {rows} | {candle:.1} ms | {ours:.1} ms | {:.2}× |", candle / ours);
+    }
+
+    if !q4k::available() {
+        return Ok(());
+    }
+    let quantize = |w: &Tensor| -> anyhow::Result<(QMatMul, Q4kWeight)> {
+        let candle = QMatMul::from_qtensor(QTensor::quantize(w, GgmlDType::Q4K)?)?;
+        Ok((candle, Q4kWeight::quantize(w)?.expect("whole tiles and super-blocks")))
+    };
+    let q4: Vec<Vec<(QMatMul, Q4kWeight)>> = weights
+        .iter()
+        .map(|l| l.iter().map(quantize).collect())
+        .collect::<anyhow::Result<_>>()?;
+    println!();
+    println!("| rows | candle Q4_K | koe Q4_K | koe Q8_0 | candle ÷ koe Q4_K | Q8_0 ÷ Q4_K |");
+    println!("|---|---|---|---|---|---|");
+    for rows in [1usize, 2, 10, 48] {
+        let (xs, xh) = inputs(&shapes, rows)?;
+        let mut best = [f64::INFINITY; 3];
+        for _ in 0..5 {
+            let times = [
+                time(1, || {
+                    for (l, (w, _)) in q4.iter().flatten().enumerate() {
+                        w.forward(&xs[l % shapes.len()]).unwrap();
+                    }
+                }),
+                time(1, || {
+                    for (l, (_, w)) in q4.iter().flatten().enumerate() {
+                        w.matmul_wt(&xh[l % shapes.len()], rows);
+                    }
+                }),
+                time(1, || {
+                    for (l, w) in koe_q8.iter().flatten().enumerate() {
+                        w.matmul_wt(&xh[l % shapes.len()], rows);
+                    }
+                }),
+            ];
+            for (b, t) in best.iter_mut().zip(times) {
+                *b = b.min(t);
+            }
+        }
+        let [candle, ours, q8] = best;
+        println!(
+            "| {rows} | {candle:.1} ms | {ours:.1} ms | {q8:.1} ms | {:.2}× | {:.2}× |",
+            candle / ours,
+            q8 / ours
+        );
     }
     Ok(())
 }
