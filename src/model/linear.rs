@@ -228,3 +228,40 @@ impl Module for Linear {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
+        let error: f32 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
+        (error / want.iter().map(|w| w * w).sum::<f32>()).sqrt()
+    }
+
+    /// A q4_k weight the tiles can take (whole 16-row tiles, 256-wide super-blocks) runs on them
+    /// where the CPU has AVX-512 VNNI (elsewhere on candle's `QMatMul`); tensor and host entry
+    /// points agree, and the product is Q4_K-close to the f32 one.
+    #[test]
+    fn q4_k_projection_follows_f32() -> Result<()> {
+        let (n, k, m) = (32, 512, 3);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let vb = VarBuilder::from_tensors(
+            HashMap::from([("weight".to_string(), w.clone())]),
+            DType::F32,
+            &Device::Cpu,
+        );
+        let q4k_format = "q4_k".parse().expect("a known dtype");
+        let linear = Linear::load(vb, k, n, false, q4k_format)?;
+        assert_eq!(matches!(linear.weight, Projection::Q4k(_)), q4k::available());
+        let got = linear.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let host = linear.forward_host(&x.flatten_all()?.to_vec1::<f32>()?, m)?;
+        assert_eq!(got, host);
+        let want = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        // 4 bits a weight on Gaussian values: ~8 % relative error; a broken kernel is off by ~1.
+        let error = rel_l2(&got, &want);
+        assert!(error < 0.15, "q4_k product off by {error:.3} (relative L2)");
+        Ok(())
+    }
+}
