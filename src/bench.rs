@@ -191,15 +191,19 @@ pub fn agreement(dense: &Synthesizer, quantized: &Synthesizer, clip: &[f32], fra
         runs.push((logits, codes));
     }
     let ((want, dense_codes), (got, quantized_codes)) = (&runs[0], &runs[1]);
-    let squares = |v: &mut dyn Iterator<Item = f64>| v.map(|d| d * d).sum::<f64>();
-    let error = squares(&mut want.iter().zip(got).map(|(a, b)| (a - b) as f64));
-    let rel_l2 = (error / squares(&mut want.iter().map(|&a| a as f64))).sqrt();
     let identical = dense_codes
         .iter()
         .zip(quantized_codes)
         .take_while(|(a, b)| a == b)
         .count();
-    Ok((rel_l2, identical))
+    Ok((rel_l2(got, want), identical))
+}
+
+/// ‖got − want‖ / ‖want‖, summed in f64.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let error: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
+    let size: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (error / size).sqrt()
 }
 
 /// Runs the benchmark: one warm-up (when repeating), `repeat` timed runs, their median.

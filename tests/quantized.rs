@@ -11,15 +11,10 @@ mod talker;
 
 use candle_core::Device;
 use common::{fixture_dirs, Fixture};
+use koe::bench::rel_l2;
 use koe::model::engine::GenerationParams;
 use koe::model::linear::WeightFormat;
 use koe::model::tts::TtsModel;
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (d / n).sqrt()
-}
 
 #[test]
 fn q8_0_agrees_with_f32() {

@@ -234,11 +234,6 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn rel_l2(got: &[f32], want: &[f32]) -> f32 {
-        let error: f32 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
-        (error / want.iter().map(|w| w * w).sum::<f32>()).sqrt()
-    }
-
     /// A q4_k weight the tiles can take (whole 16-row tiles, 256-wide super-blocks) runs on them
     /// where the CPU has AVX-512 VNNI (elsewhere on candle's `QMatMul`); tensor and host entry
     /// points agree, and the product is Q4_K-close to the f32 one.
@@ -260,7 +255,7 @@ mod tests {
         assert_eq!(got, host);
         let want = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
         // 4 bits a weight on Gaussian values: ~8 % relative error; a broken kernel is off by ~1.
-        let error = rel_l2(&got, &want);
+        let error = crate::bench::rel_l2(&got, &want);
         assert!(error < 0.15, "q4_k product off by {error:.3} (relative L2)");
         Ok(())
     }
