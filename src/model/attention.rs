@@ -9,12 +9,20 @@
 use super::gemv::{dot_rows, SendPtr};
 use rayon::prelude::*;
 
+/// Positions per page of a host KV cache. A cache grows a page at a time and nothing it holds
+/// ever moves: growing by doubling copied every cached position into a new buffer and faulted
+/// that buffer in, all in one step (10 sequences of the full-size talker: two steps of 0.8 s
+/// among steps of 0.15 s in 150 frames).
+pub const PAGE: usize = 16;
+
+/// One page of one layer's host cache: the keys of [`PAGE`] positions of every key/value head,
+/// then their values (`[2][kv_heads][PAGE][head_dim]`).
+pub type Page = Box<[f32]>;
+
 /// One sequence's cache for one layer, and where its new rows sit in the stacked batch.
 pub struct CachedRows<'a> {
-    /// Keys and values, [kv_heads, capacity, head_dim], the new rows already stored.
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
-    pub capacity: usize,
+    /// The cache's pages, the new rows already stored.
+    pub pages: &'a [Page],
     /// Positions cached before this step's rows.
     pub past: usize,
     /// New rows (queries) of this sequence.
@@ -46,8 +54,14 @@ pub fn attend(q: &[f32], seqs: &[CachedRows], shape: Heads, scale: f32) -> Vec<f
     let mut first_row = Vec::with_capacity(seqs.len());
     let mut row = 0;
     for s in seqs {
-        assert!(s.keys.len() >= kv_heads * s.capacity * hd && s.values.len() == s.keys.len());
-        assert!(s.past + s.rows <= s.capacity, "the new rows are stored in the cache");
+        assert!(
+            s.pages.iter().all(|p| p.len() == 2 * kv_heads * PAGE * hd),
+            "pages of [2, kv_heads, PAGE, head_dim]"
+        );
+        assert!(
+            s.past + s.rows <= s.pages.len() * PAGE,
+            "the new rows are stored in the cache"
+        );
         first_row.push(row);
         row += s.rows;
     }
@@ -56,8 +70,9 @@ pub fn attend(q: &[f32], seqs: &[CachedRows], shape: Heads, scale: f32) -> Vec<f
     (0..seqs.len() * kv_heads).into_par_iter().for_each(|task| {
         let (s, g) = (&seqs[task / kv_heads], task % kv_heads);
         let kv = KvHead {
-            keys: &s.keys[g * s.capacity * hd..],
-            values: &s.values[g * s.capacity * hd..],
+            pages: s.pages,
+            head: g,
+            kv_heads,
             head_dim: hd,
         };
         let total = s.past + s.rows;
@@ -85,11 +100,23 @@ pub fn attend(q: &[f32], seqs: &[CachedRows], shape: Heads, scale: f32) -> Vec<f
     out
 }
 
-/// One key/value head of a sequence's cache: position u's key at `keys[u·head_dim..]`.
+/// Key/value head `head` of a sequence's cache.
 struct KvHead<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
+    pages: &'a [Page],
+    head: usize,
+    kv_heads: usize,
     head_dim: usize,
+}
+
+impl KvHead<'_> {
+    /// Position u's key and value.
+    #[inline(always)]
+    fn at(&self, u: usize) -> (&[f32], &[f32]) {
+        let page = &self.pages[u / PAGE];
+        let key = (self.head * PAGE + u % PAGE) * self.head_dim;
+        let value = key + self.kv_heads * PAGE * self.head_dim;
+        (&page[key..key + self.head_dim], &page[value..value + self.head_dim])
+    }
 }
 
 /// The `rep` query heads sharing `kv` (`queries`: [rep, head_dim]), each attending to its first
@@ -99,12 +126,7 @@ fn attend_heads(queries: &[f32], kv: &KvHead, seen: usize, scale: f32, scores: &
     let rep = queries.len() / hd;
     // scores[u·rep + r]: query head r against position u.
     for u in 0..seen {
-        dot_rows(
-            queries,
-            hd,
-            &kv.keys[u * hd..(u + 1) * hd],
-            &mut scores[u * rep..(u + 1) * rep],
-        );
+        dot_rows(queries, hd, kv.at(u).0, &mut scores[u * rep..(u + 1) * rep]);
     }
     acc.fill(0.0);
     for r in 0..rep {
@@ -119,7 +141,7 @@ fn attend_heads(queries: &[f32], kv: &KvHead, seen: usize, scale: f32, scores: &
         }
         let o = &mut acc[r * hd..(r + 1) * hd];
         for u in 0..seen {
-            axpy(scores[u * rep + r] / sum, &kv.values[u * hd..(u + 1) * hd], o);
+            axpy(scores[u * rep + r] / sum, kv.at(u).1, o);
         }
     }
 }
@@ -188,13 +210,13 @@ mod simd {
         acc: &mut [f32],
     ) {
         let hd = 16 * V;
-        assert!(kv.keys.len() >= seen * hd && kv.values.len() >= seen * hd);
+        assert!(kv.head_dim == hd);
         assert!(scores.len() >= seen && acc.len() == queries.len() && queries.len().is_multiple_of(hd));
-        let (kp, vp) = (kv.keys.as_ptr(), kv.values.as_ptr());
         for (query, out) in queries.chunks_exact(hd).zip(acc.chunks_exact_mut(hd)) {
             let q: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(query.as_ptr().add(16 * v)));
             for (u, score) in scores[..seen].iter_mut().enumerate() {
-                let key = kp.add(u * hd);
+                // `at` checks the bounds: the loads below read its `hd` values.
+                let key = kv.at(u).0.as_ptr();
                 let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 for v in (0..V).step_by(2) {
                     a0 = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(key.add(16 * v)), a0);
@@ -208,7 +230,7 @@ mod simd {
             let sum: f32 = scores[..seen].iter().sum();
             let mut o = [_mm512_setzero_ps(); V];
             for (u, &e) in scores[..seen].iter().enumerate() {
-                let (w, value) = (_mm512_set1_ps(e / sum), vp.add(u * hd));
+                let (w, value) = (_mm512_set1_ps(e / sum), kv.at(u).1.as_ptr());
                 for (v, o) in o.iter_mut().enumerate() {
                     *o = _mm512_fmadd_ps(w, _mm512_loadu_ps(value.add(16 * v)), *o);
                 }
@@ -224,15 +246,15 @@ mod simd {
 mod tests {
     use super::*;
 
-    /// The textbook computation in f64: softmax((q·k)·scale) · V over the visible positions.
-    fn reference(q: &[f32], seq: &CachedRows, shape: Heads, scale: f32) -> Vec<f64> {
-        let (k, v, cap, past, rows) = (seq.keys, seq.values, seq.capacity, seq.past, seq.rows);
+    /// The textbook computation in f64: softmax((q·k)·scale) · V over the visible positions,
+    /// with keys and values as [kv_heads, positions, head_dim].
+    fn reference(q: &[f32], (k, v): (&[f32], &[f32]), past: usize, rows: usize, shape: Heads, scale: f32) -> Vec<f64> {
         let Heads {
             heads,
             kv_heads,
             head_dim: hd,
         } = shape;
-        let rep = heads / kv_heads;
+        let (rep, total) = (heads / kv_heads, past + rows);
         let mut out = vec![0f64; rows * heads * hd];
         for t in 0..rows {
             for h in 0..heads {
@@ -241,7 +263,7 @@ mod tests {
                 let seen = past + t + 1;
                 let s: Vec<f64> = (0..seen)
                     .map(|u| {
-                        let kr = &k[(g * cap + u) * hd..][..hd];
+                        let kr = &k[(g * total + u) * hd..][..hd];
                         qh.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64
                     })
                     .collect();
@@ -250,12 +272,32 @@ mod tests {
                 let sum: f64 = e.iter().sum();
                 for (u, w) in e.iter().enumerate() {
                     for d in 0..hd {
-                        out[(t * heads + h) * hd + d] += w / sum * v[(g * cap + u) * hd + d] as f64;
+                        out[(t * heads + h) * hd + d] += w / sum * v[(g * total + u) * hd + d] as f64;
                     }
                 }
             }
         }
         out
+    }
+
+    /// `k` and `v` ([kv_heads, positions, head_dim]) in pages, the last one partly filled
+    /// (the rest of it NaN: read, it would show).
+    fn paged(k: &[f32], v: &[f32], kv_heads: usize, hd: usize) -> Vec<Page> {
+        let total = k.len() / (kv_heads * hd);
+        (0..total.div_ceil(PAGE))
+            .map(|p| {
+                let mut page = vec![f32::NAN; 2 * kv_heads * PAGE * hd];
+                for g in 0..kv_heads {
+                    for u in p * PAGE..total.min((p + 1) * PAGE) {
+                        let (from, to) = ((g * total + u) * hd, (g * PAGE + u % PAGE) * hd);
+                        page[to..to + hd].copy_from_slice(&k[from..from + hd]);
+                        let to = to + kv_heads * PAGE * hd;
+                        page[to..to + hd].copy_from_slice(&v[from..from + hd]);
+                    }
+                }
+                page.into_boxed_slice()
+            })
+            .collect()
     }
 
     /// Head dims of 20 (the portable path) and 32, 64 and 128 (AVX-512 where present).
@@ -271,42 +313,37 @@ mod tests {
     }
 
     fn matches_at(shape: Heads) {
-        let hd = shape.head_dim;
+        let (hd, kv_heads) = (shape.head_dim, shape.kv_heads);
         let val = |i: usize, a: usize, b: usize| ((i * a % b) as f32 - (b / 2) as f32) / b as f32;
-        // Two sequences stepped together: one decoding a row after 6 cached, one taking 3 rows
-        // after 2 (the causal part within the step).
-        let specs = [(8usize, 6usize, 1usize), (8, 2, 3)];
+        // Two sequences stepped together: one decoding a row after 20 cached (on its second
+        // page), one taking 3 rows after 14 (the causal part within the step, across a page
+        // boundary).
+        let specs = [(20usize, 1usize), (14, 3)];
         let caches: Vec<(Vec<f32>, Vec<f32>)> = specs
             .iter()
             .enumerate()
-            .map(|(i, &(cap, _, _))| {
-                let len = shape.kv_heads * cap * hd;
+            .map(|(i, &(past, rows))| {
+                let len = kv_heads * (past + rows) * hd;
                 (
                     (0..len).map(|j| val(j + i, 7, 13)).collect(),
                     (0..len).map(|j| val(j + i, 5, 11)).collect(),
                 )
             })
             .collect();
-        let n: usize = specs.iter().map(|s| s.2).sum();
+        let pages: Vec<Vec<Page>> = caches.iter().map(|(k, v)| paged(k, v, kv_heads, hd)).collect();
+        let n: usize = specs.iter().map(|s| s.1).sum();
         let q: Vec<f32> = (0..n * shape.heads * hd).map(|j| val(j, 3, 17)).collect();
         let seqs: Vec<CachedRows> = specs
             .iter()
-            .zip(&caches)
-            .map(|(&(capacity, past, rows), (k, v))| CachedRows {
-                keys: k,
-                values: v,
-                capacity,
-                past,
-                rows,
-            })
+            .zip(&pages)
+            .map(|(&(past, rows), pages)| CachedRows { pages, past, rows })
             .collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let got = attend(&q, &seqs, shape, scale);
         let width = shape.heads * hd;
         let mut row = 0;
-        for seq in &seqs {
-            let rows = seq.rows;
-            let want = reference(&q[row * width..(row + rows) * width], seq, shape, scale);
+        for (&(past, rows), (k, v)) in specs.iter().zip(&caches) {
+            let want = reference(&q[row * width..(row + rows) * width], (k, v), past, rows, shape, scale);
             for (i, w) in want.iter().enumerate() {
                 let g = got[row * width + i] as f64;
                 assert!((g - w).abs() <= 1e-5, "row {row} element {i}: {g} vs {w}");

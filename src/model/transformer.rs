@@ -10,7 +10,7 @@
 //! against its own cache, so sequences of different lengths need no padding.
 
 use super::activation;
-use super::attention::{self, CachedRows, Heads};
+use super::attention::{self, CachedRows, Heads, Page, PAGE};
 use super::gemv;
 use super::linear::{Linear, WeightFormat};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -73,8 +73,8 @@ impl Module for RmsNorm {
     }
 }
 
-/// Keys and values of one sequence for every layer, in buffers that grow by doubling so a
-/// decode step appends in place instead of re-concatenating the whole history.
+/// Keys and values of one sequence for every layer, appended in place: on CPU in pages
+/// ([`attention::PAGE`]) that never move, on an accelerator in buffers that grow by doubling.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
@@ -84,28 +84,23 @@ pub struct KvCache {
 struct LayerKv {
     kv_heads: usize,
     head_dim: usize,
-    capacity: usize,
     len: usize,
     store: KvStore,
 }
 
-/// Keys and values, [kv_heads, capacity, head_dim] each.
 #[derive(Debug, Clone)]
 enum KvStore {
-    /// On CPU: host buffers the step path writes and the attention kernel reads in place.
-    Host { k: Vec<f32>, v: Vec<f32> },
-    /// On an accelerator.
+    /// On CPU: the pages the step path writes and the attention kernel reads in place.
+    Host(Vec<Page>),
+    /// On an accelerator: keys and values, [kv_heads, capacity, head_dim] each.
     Device { k: Tensor, v: Tensor },
 }
 
 impl LayerKv {
+    /// An empty cache; on an accelerator with room for `capacity` positions.
     fn new(kv_heads: usize, head_dim: usize, capacity: usize, device: &Device, dtype: DType) -> Result<Self> {
         let store = if device.is_cpu() {
-            let len = kv_heads * capacity * head_dim;
-            KvStore::Host {
-                k: vec![0.0; len],
-                v: vec![0.0; len],
-            }
+            KvStore::Host(Vec::new())
         } else {
             // Two allocations: clones of one tensor would share the storage `slice_set` writes.
             let buffer = || Tensor::zeros((kv_heads, capacity, head_dim), dtype, device);
@@ -117,43 +112,52 @@ impl LayerKv {
         Ok(Self {
             kv_heads,
             head_dim,
-            capacity,
             len: 0,
             store,
         })
     }
 
-    /// A copy of the first `len` positions in buffers of `capacity` positions.
-    fn copy_prefix(&self, len: usize, capacity: usize) -> Result<Self> {
-        let (device, dtype) = match &self.store {
-            KvStore::Host { .. } => (Device::Cpu, DType::F32),
-            KvStore::Device { k, .. } => (k.device().clone(), k.dtype()),
-        };
-        let mut copy = Self::new(self.kv_heads, self.head_dim, capacity, &device, dtype)?;
-        copy.len = len;
-        match (&self.store, &mut copy.store) {
-            (KvStore::Host { k, v }, KvStore::Host { k: ck, v: cv }) => {
-                let hd = self.head_dim;
-                for g in 0..self.kv_heads {
-                    let (from, to) = (g * self.capacity * hd, g * capacity * hd);
-                    ck[to..to + len * hd].copy_from_slice(&k[from..from + len * hd]);
-                    cv[to..to + len * hd].copy_from_slice(&v[from..from + len * hd]);
-                }
-            }
-            (KvStore::Device { k, v }, KvStore::Device { k: ck, v: cv }) => {
-                ck.slice_set(&k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-                cv.slice_set(&v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-            }
-            _ => unreachable!("a copy is made where its original lives"),
-        }
-        Ok(copy)
+    /// Floats in one host page.
+    fn page_len(&self) -> usize {
+        2 * self.kv_heads * PAGE * self.head_dim
     }
 
-    /// Room for `n` more positions, doubling the capacity when needed.
+    /// A copy of the first `len` positions (on an accelerator in buffers of `capacity`).
+    fn copy_prefix(&self, len: usize, capacity: usize) -> Result<Self> {
+        let store = match &self.store {
+            KvStore::Host(pages) => KvStore::Host(pages[..len.div_ceil(PAGE)].to_vec()),
+            KvStore::Device { k, v } => {
+                let copy = Self::new(self.kv_heads, self.head_dim, capacity, k.device(), k.dtype())?;
+                let KvStore::Device { k: ck, v: cv } = &copy.store else {
+                    unreachable!("a copy is made where its original lives");
+                };
+                ck.slice_set(&k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                cv.slice_set(&v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                copy.store
+            }
+        };
+        Ok(Self {
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            len,
+            store,
+        })
+    }
+
+    /// Room for `n` more positions: new host pages, or a doubled accelerator buffer.
     fn reserve(&mut self, n: usize) -> Result<()> {
-        if self.len + n > self.capacity {
-            let grown = self.copy_prefix(self.len, (self.len + n).next_power_of_two())?;
-            *self = grown;
+        let page_len = self.page_len();
+        match &mut self.store {
+            KvStore::Host(pages) => {
+                while pages.len() * PAGE < self.len + n {
+                    pages.push(vec![0.0; page_len].into_boxed_slice());
+                }
+            }
+            KvStore::Device { k, .. } => {
+                if self.len + n > k.dim(1)? {
+                    *self = self.copy_prefix(self.len, (self.len + n).next_power_of_two())?;
+                }
+            }
         }
         Ok(())
     }
@@ -162,15 +166,17 @@ impl LayerKv {
     /// head_dim] on the host.
     fn append_host(&mut self, k: &[f32], v: &[f32], n: usize) -> Result<()> {
         self.reserve(n)?;
-        let (hd, heads, cap, len) = (self.head_dim, self.kv_heads, self.capacity, self.len);
-        let KvStore::Host { k: ck, v: cv } = &mut self.store else {
+        let (hd, heads, len) = (self.head_dim, self.kv_heads, self.len);
+        let KvStore::Host(pages) = &mut self.store else {
             candle_core::bail!("host rows for a cache on an accelerator");
         };
         for t in 0..n {
+            let (page, u) = (&mut pages[(len + t) / PAGE], (len + t) % PAGE);
             for g in 0..heads {
-                let (from, to) = ((t * heads + g) * hd, (g * cap + len + t) * hd);
-                ck[to..to + hd].copy_from_slice(&k[from..from + hd]);
-                cv[to..to + hd].copy_from_slice(&v[from..from + hd]);
+                let (from, to) = ((t * heads + g) * hd, (g * PAGE + u) * hd);
+                page[to..to + hd].copy_from_slice(&k[from..from + hd]);
+                let to = to + heads * PAGE * hd;
+                page[to..to + hd].copy_from_slice(&v[from..from + hd]);
             }
         }
         self.len += n;
@@ -179,7 +185,7 @@ impl LayerKv {
 
     /// Stores `k`, `v` ([n, kv_heads, head_dim] tensors) after the cached positions.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
-        if matches!(self.store, KvStore::Host { .. }) {
+        if matches!(self.store, KvStore::Host(_)) {
             let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
             return self.append_host(&host(k)?, &host(v)?, k.dim(0)?);
         }
@@ -197,31 +203,36 @@ impl LayerKv {
     /// The whole history as tensors, [kv_heads, len, head_dim] each.
     fn history(&self) -> Result<(Tensor, Tensor)> {
         match &self.store {
-            KvStore::Host { k, v } => {
-                let (hd, cap, len) = (self.head_dim, self.capacity, self.len);
-                let gather = |buffer: &[f32]| {
-                    let rows: Vec<f32> = (0..self.kv_heads)
-                        .flat_map(|g| buffer[g * cap * hd..(g * cap + len) * hd].iter().copied())
+            KvStore::Host(pages) => {
+                let (hd, heads, len) = (self.head_dim, self.kv_heads, self.len);
+                // Keys (half 0) or values (half 1) of every head, position by position.
+                let gather = |half: usize| {
+                    let rows: Vec<f32> = (0..heads)
+                        .flat_map(|g| (0..len).map(move |u| (g, u)))
+                        .flat_map(|(g, u)| {
+                            let at = ((half * heads + g) * PAGE + u % PAGE) * hd;
+                            pages[u / PAGE][at..at + hd].iter().copied()
+                        })
                         .collect();
-                    Tensor::from_vec(rows, (self.kv_heads, len, hd), &Device::Cpu)
+                    Tensor::from_vec(rows, (heads, len, hd), &Device::Cpu)
                 };
-                Ok((gather(k)?, gather(v)?))
+                Ok((gather(0)?, gather(1)?))
             }
             KvStore::Device { k, v } => Ok((k.narrow(1, 0, self.len)?, v.narrow(1, 0, self.len)?)),
         }
     }
 
-    /// The host buffers, for the attention kernel.
-    fn host(&self) -> Result<(&[f32], &[f32])> {
+    /// The host pages, for the attention kernel.
+    fn host(&self) -> Result<&[Page]> {
         match &self.store {
-            KvStore::Host { k, v } => Ok((k, v)),
+            KvStore::Host(pages) => Ok(pages),
             KvStore::Device { .. } => candle_core::bail!("the attention kernel runs on CPU"),
         }
     }
 
     fn bytes(&self) -> usize {
         match &self.store {
-            KvStore::Host { k, .. } => 2 * k.len() * std::mem::size_of::<f32>(),
+            KvStore::Host(pages) => pages.len() * self.page_len() * std::mem::size_of::<f32>(),
             KvStore::Device { k, .. } => 2 * k.elem_count() * k.dtype().size_in_bytes(),
         }
     }
@@ -261,8 +272,8 @@ impl KvCache {
         }
     }
 
-    /// Layer `i` for rows of `x`'s device and dtype, created (with room for `n` first
-    /// positions) when this is its first use.
+    /// Layer `i` for rows of `x`'s device and dtype, created when this is its first use (on an
+    /// accelerator with room for `n` first positions).
     fn layer(
         &mut self,
         i: usize,
@@ -599,11 +610,8 @@ impl Attention {
         let mut cached = Vec::with_capacity(seqs.len());
         for (s, &past) in seqs.iter().zip(pasts) {
             let l = &s.cache.layers[layer];
-            let (keys, values) = l.host()?;
             cached.push(CachedRows {
-                keys,
-                values,
-                capacity: l.capacity,
+                pages: l.host()?,
                 past,
                 rows: s.rows,
             });
@@ -732,8 +740,8 @@ mod tests {
     }
 
     /// A prompt longer than `PROJECTION_ROWS` takes the tensor path and fills the host cache;
-    /// the same rows in shorter chunks take the host path (growing the cache past its first
-    /// capacity). Both give the same hidden states, and the steps after them agree.
+    /// the same rows in shorter chunks take the host path (appending across pages). Both give
+    /// the same hidden states, and the steps after them agree.
     #[test]
     fn host_path_agrees_with_the_tensor_path_and_across_cache_growth() -> Result<()> {
         let dec = decoder()?;
