@@ -101,7 +101,8 @@ struct BenchArgs {
     /// Frames per run (exactly: EOS is held off).
     #[arg(long, default_value_t = 50)]
     frames: usize,
-    /// Also step this many sequences together and report aggregate frames/s.
+    /// Also step this many sequences together and report aggregate frames/s, beside one
+    /// sequence stepped alone right before it and the ratio of the two (`batch_speedup`).
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Timed runs after one warm-up; the median is reported.
