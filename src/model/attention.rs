@@ -19,6 +19,12 @@ pub const PAGE: usize = 16;
 /// then their values (`[2][kv_heads][PAGE][head_dim]`).
 pub type Page = Box<[f32]>;
 
+/// Where `position`'s key and value for key/value head `head` sit in page `position / PAGE`.
+pub fn page_slot(kv_heads: usize, head_dim: usize, head: usize, position: usize) -> (usize, usize) {
+    let key = (head * PAGE + position % PAGE) * head_dim;
+    (key, key + kv_heads * PAGE * head_dim)
+}
+
 /// One sequence's cache for one layer, and where its new rows sit in the stacked batch.
 pub struct CachedRows<'a> {
     /// The cache's pages, the new rows already stored.
@@ -112,10 +118,9 @@ impl KvHead<'_> {
     /// Position u's key and value.
     #[inline(always)]
     fn at(&self, u: usize) -> (&[f32], &[f32]) {
-        let page = &self.pages[u / PAGE];
-        let key = (self.head * PAGE + u % PAGE) * self.head_dim;
-        let value = key + self.kv_heads * PAGE * self.head_dim;
-        (&page[key..key + self.head_dim], &page[value..value + self.head_dim])
+        let (page, hd) = (&self.pages[u / PAGE], self.head_dim);
+        let (key, value) = page_slot(self.kv_heads, hd, self.head, u);
+        (&page[key..key + hd], &page[value..value + hd])
     }
 }
 
@@ -326,10 +331,10 @@ mod tests {
                 let mut page = vec![f32::NAN; 2 * kv_heads * PAGE * hd];
                 for g in 0..kv_heads {
                     for u in p * PAGE..total.min((p + 1) * PAGE) {
-                        let (from, to) = ((g * total + u) * hd, (g * PAGE + u % PAGE) * hd);
-                        page[to..to + hd].copy_from_slice(&k[from..from + hd]);
-                        let to = to + kv_heads * PAGE * hd;
-                        page[to..to + hd].copy_from_slice(&v[from..from + hd]);
+                        let from = (g * total + u) * hd;
+                        let (key, value) = page_slot(kv_heads, hd, g, u);
+                        page[key..key + hd].copy_from_slice(&k[from..from + hd]);
+                        page[value..value + hd].copy_from_slice(&v[from..from + hd]);
                     }
                 }
                 page.into_boxed_slice()

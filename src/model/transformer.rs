@@ -10,7 +10,7 @@
 //! against its own cache, so sequences of different lengths need no padding.
 
 use super::activation;
-use super::attention::{self, CachedRows, Heads, Page, PAGE};
+use super::attention::{self, page_slot, CachedRows, Heads, Page, PAGE};
 use super::gemv;
 use super::linear::{Linear, WeightFormat};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -171,12 +171,12 @@ impl LayerKv {
             candle_core::bail!("host rows for a cache on an accelerator");
         };
         for t in 0..n {
-            let (page, u) = (&mut pages[(len + t) / PAGE], (len + t) % PAGE);
+            let page = &mut pages[(len + t) / PAGE];
             for g in 0..heads {
-                let (from, to) = ((t * heads + g) * hd, (g * PAGE + u) * hd);
-                page[to..to + hd].copy_from_slice(&k[from..from + hd]);
-                let to = to + heads * PAGE * hd;
-                page[to..to + hd].copy_from_slice(&v[from..from + hd]);
+                let from = (t * heads + g) * hd;
+                let (key, value) = page_slot(heads, hd, g, len + t);
+                page[key..key + hd].copy_from_slice(&k[from..from + hd]);
+                page[value..value + hd].copy_from_slice(&v[from..from + hd]);
             }
         }
         self.len += n;
@@ -205,18 +205,19 @@ impl LayerKv {
         match &self.store {
             KvStore::Host(pages) => {
                 let (hd, heads, len) = (self.head_dim, self.kv_heads, self.len);
-                // Keys (half 0) or values (half 1) of every head, position by position.
-                let gather = |half: usize| {
+                // Keys (`values` false) or values of every head, position by position.
+                let gather = |values: bool| {
                     let rows: Vec<f32> = (0..heads)
                         .flat_map(|g| (0..len).map(move |u| (g, u)))
                         .flat_map(|(g, u)| {
-                            let at = ((half * heads + g) * PAGE + u % PAGE) * hd;
+                            let (key, value) = page_slot(heads, hd, g, u);
+                            let at = if values { value } else { key };
                             pages[u / PAGE][at..at + hd].iter().copied()
                         })
                         .collect();
                     Tensor::from_vec(rows, (heads, len, hd), &Device::Cpu)
                 };
-                Ok((gather(0)?, gather(1)?))
+                Ok((gather(false)?, gather(true)?))
             }
             KvStore::Device { k, v } => Ok((k.narrow(1, 0, self.len)?, v.narrow(1, 0, self.len)?)),
         }
