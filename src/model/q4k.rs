@@ -103,10 +103,12 @@ mod tiles {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use candle_core::Device;
+        use candle_core::quantized::QMatMul;
+        use candle_core::{Device, Module};
 
-        /// The tiles hold exactly candle's dequantized Q4_K weights: the product equals, to float
-        /// summation order, the dequantized weights times the Q8_0-quantized inputs in f64; a row's
+        /// The tiles hold exactly candle's dequantized Q4_K weights and quantize the inputs as
+        /// candle's Q8_K: the product equals, to float summation order, the dequantized weights
+        /// times candle's Q8_K-dequantized inputs in f64, and candle's own Q4_K matmul; a row's
         /// result does not depend on the rows beside it.
         #[test]
         fn tiles_multiply_candles_q4_k_weights() -> Result<()> {
@@ -131,7 +133,11 @@ mod tiles {
                     ours[(m - 1) * n..],
                     "m{m} k{k}: last row alone"
                 );
-                let xq = crate::model::q8::dequantized_q8_0(&x, k);
+                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?;
+                let xq = QTensor::quantize(&xt, GgmlDType::Q8K)?.dequantize(&Device::Cpu)?;
+                let xq = xq.flatten_all()?.to_vec1::<f32>()?;
+                let candle = QMatMul::from_qtensor(QTensor::quantize(&wt, GgmlDType::Q4K)?)?;
+                let candle = candle.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
                 for i in 0..m {
                     for j in 0..n {
                         let (row, wr) = (&xq[i * k..(i + 1) * k], &deq[j * k..(j + 1) * k]);
@@ -141,6 +147,11 @@ mod tiles {
                         assert!(
                             (got - want).abs() <= 1e-5 * size,
                             "m{m} k{k} n{n} [{i},{j}]: {got} vs {want}"
+                        );
+                        let candle = candle[i * n + j] as f64;
+                        assert!(
+                            (got - candle).abs() <= 1e-5 * size,
+                            "m{m} k{k} n{n} [{i},{j}]: {got} vs candle {candle}"
                         );
                     }
                 }

@@ -198,17 +198,6 @@ impl Q8Weight {
     }
 }
 
-/// `x` ([m, k]) quantized to Q8_0 and back: the inputs the kernels multiply.
-#[cfg(test)]
-pub(crate) fn dequantized_q8_0(x: &[f32], k: usize) -> Vec<f32> {
-    let q = Q8Rows::quantize(x, k);
-    q.values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| v as f32 * q.scales[i / BLOCK])
-        .collect()
-}
-
 /// `y[r]` for the `y.len()` (≤ [`MAX_GROUP`]) input rows starting at `x`, against one weight row.
 fn dot_group(x: &[i8], x_scales: &[f32], w: &[i8], w_scales: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -286,7 +275,7 @@ mod avx2 {
 }
 
 /// The AVX-512 VNNI kernel and its weight layouts: Q8_0, and Q4_K for `model::q4k` (the same
-/// tiles and input quantization, weights as nibbles).
+/// tiles, weights as nibbles, inputs quantized per 256 values).
 #[cfg(target_arch = "x86_64")]
 pub(super) mod vnni {
     use super::{Q8Rows, BLOCK};
@@ -305,6 +294,10 @@ pub(super) mod vnni {
     const GROUP: usize = 12;
     /// Rows from which one `vpdpbusd` chain per row keeps the unit busy.
     const ONE_CHAIN_FROM: usize = 5;
+    /// Blocks per Q4_K super-block.
+    pub const SUPER_BLOCKS: usize = 8;
+    /// Values per Q4_K super-block, and per input scale in the Q4_K kernel.
+    const SUPER_BLOCK: usize = SUPER_BLOCKS * BLOCK;
 
     pub fn available() -> bool {
         std::is_x86_feature_detected!("avx512f")
@@ -331,15 +324,17 @@ pub(super) mod vnni {
         /// quantized.
         Q8(Vec<f16>),
         /// Q4_K: per block the groups in pairs, `[pair 4][row 16][4]` bytes holding group 2p in
-        /// the low nibbles and 2p+1 in the high ones (values 0..15, as stored); here per block
-        /// the 16 rows' 6-bit scales then mins (`[2][row 16]` bytes), and per super-block of 8
-        /// blocks the rows' `d` then `dmin / 128` (`[2][row 16]` f32), so a row's value is
+        /// the low nibbles and 2p+1 in the high ones (values 0..15, as stored). `scales`: per
+        /// block the 16 rows' 6-bit scales; `mins`: per super-block the rows' 6-bit mins by pairs
+        /// of blocks (`[pair 4][row 16][2]`, widened to the i16 pairs `vpdpwssd` takes);
+        /// `d_dmin`: per super-block the rows' `d` then `dmin` (`[2][row 16]`). A row's value is
         /// `d·scale·q − dmin·min`, exactly candle's dequantization.
-        Q4K { scales_mins: Vec<u8>, d_dmin: Vec<f32> },
+        Q4K {
+            scales: Vec<u8>,
+            mins: Vec<u8>,
+            d_dmin: Vec<f32>,
+        },
     }
-
-    /// Blocks per Q4_K super-block.
-    pub const SUPER_BLOCKS: usize = 8;
 
     impl Tiles {
         pub(super) fn pack(rows: &Q8Rows, n: usize) -> Self {
@@ -373,19 +368,20 @@ pub(super) mod vnni {
             let blocks = k / BLOCK;
             let supers = blocks / SUPER_BLOCKS;
             let mut values = vec![0u8; n * k / 2];
-            let mut scales_mins = vec![0u8; n * blocks * 2];
+            let mut scales = vec![0u8; n * blocks];
+            let mut mins = vec![0u8; n * blocks];
             let mut d_dmin = vec![0f32; n * supers * 2];
             for j in 0..n {
                 let (tile, r) = (j / TILE_ROWS, j % TILE_ROWS);
                 for s in 0..supers {
                     let q = block(j, s);
                     let at = (tile * supers + s) * 2 * TILE_ROWS;
-                    d_dmin[at + r] = q.d;
-                    d_dmin[at + TILE_ROWS + r] = q.dmin / 128.0;
+                    (d_dmin[at + r], d_dmin[at + TILE_ROWS + r]) = (q.d, q.dmin);
                     for (sub, (&scale, &min)) in q.scales.iter().zip(&q.mins).enumerate() {
                         let b = s * SUPER_BLOCKS + sub;
-                        let at = (tile * blocks + b) * 2 * TILE_ROWS;
-                        (scales_mins[at + r], scales_mins[at + TILE_ROWS + r]) = (scale, min);
+                        scales[(tile * blocks + b) * TILE_ROWS + r] = scale;
+                        let pair = (tile * supers + s) * SUPER_BLOCKS / 2 + sub / 2;
+                        mins[(pair * TILE_ROWS + r) * 2 + sub % 2] = min;
                         let nibbles = &q.values[sub * BLOCK..(sub + 1) * BLOCK];
                         let at = (tile * blocks + b) * TILE_BLOCK / 2;
                         for pair in 0..4 {
@@ -400,7 +396,7 @@ pub(super) mod vnni {
             Self {
                 k,
                 values,
-                scales: TileScales::Q4K { scales_mins, d_dmin },
+                scales: TileScales::Q4K { scales, mins, d_dmin },
             }
         }
 
@@ -410,7 +406,11 @@ pub(super) mod vnni {
             let blocks = self.k / BLOCK;
             // Groups of at most GROUP rows, as even as possible (16 rows: 8 + 8).
             let per_group = m.div_ceil(m.div_ceil(GROUP));
-            let input = Input::quantize(x, self.k, per_group);
+            let format = match self.scales {
+                TileScales::Q8(_) => InputFormat::Q8,
+                TileScales::Q4K { .. } => InputFormat::Q8K,
+            };
+            let input = Input::quantize(x, self.k, per_group, format);
             // Every element is written below (the tiles cover all n columns of every row):
             // zeroing first cost ~1 % of a batch-10 step in `memset`.
             assert!(n.is_multiple_of(TILE_ROWS), "whole tiles");
@@ -424,14 +424,12 @@ pub(super) mod vnni {
                     for r0 in (0..m).step_by(per_group) {
                         let rows = per_group.min(m - r0);
                         // SAFETY: AVX-512 F/BW/VNNI were detected before packing; `weights` holds
-                        // `blocks` blocks of this tile, the group holds `rows` input rows, and
-                        // this task alone writes columns tile·16.. of `y` ([m, n]).
+                        // `blocks` blocks of this tile, the group holds `rows` input rows in
+                        // the tile's format, and this task alone writes columns tile·16.. of
+                        // `y` ([m, n]).
                         unsafe {
                             let (x, y) = (input.group(r0, rows), out.get().add(r0 * n + tile * TILE_ROWS));
-                            match weights {
-                                TileRef::Q8 { .. } => tile_dot_rows::<false>(rows, weights, blocks, x, y, n),
-                                TileRef::Q4K { .. } => tile_dot_rows::<true>(rows, weights, blocks, x, y, n),
-                            }
+                            tile_dot_rows(rows, weights, blocks, x, y, n);
                         }
                     }
                 });
@@ -449,12 +447,14 @@ pub(super) mod vnni {
                     values: &self.values[at * TILE_BLOCK..(at + blocks) * TILE_BLOCK],
                     scales: &scales[at * TILE_ROWS..(at + blocks) * TILE_ROWS],
                 },
-                TileScales::Q4K { scales_mins, d_dmin } => {
+                TileScales::Q4K { scales, mins, d_dmin } => {
                     let supers = blocks / SUPER_BLOCKS;
+                    let per_tile = supers * 2 * TILE_ROWS;
                     TileRef::Q4K {
                         values: &self.values[at * TILE_BLOCK / 2..(at + blocks) * TILE_BLOCK / 2],
-                        scales_mins: &scales_mins[at * 2 * TILE_ROWS..(at + blocks) * 2 * TILE_ROWS],
-                        d_dmin: &d_dmin[tile * supers * 2 * TILE_ROWS..(tile + 1) * supers * 2 * TILE_ROWS],
+                        scales: &scales[at * TILE_ROWS..(at + blocks) * TILE_ROWS],
+                        mins: &mins[at * TILE_ROWS..(at + blocks) * TILE_ROWS],
+                        d_dmin: &d_dmin[tile * per_tile..(tile + 1) * per_tile],
                     }
                 }
             }
@@ -468,7 +468,7 @@ pub(super) mod vnni {
         pub scales: [u8; SUPER_BLOCKS],
         pub mins: [u8; SUPER_BLOCKS],
         /// The 256 stored values (0..15).
-        pub values: [u8; SUPER_BLOCKS * BLOCK],
+        pub values: [u8; SUPER_BLOCK],
     }
 
     /// One tile's weights ([`TileScales`]).
@@ -480,111 +480,165 @@ pub(super) mod vnni {
         },
         Q4K {
             values: &'a [u8],
-            scales_mins: &'a [u8],
+            scales: &'a [u8],
+            mins: &'a [u8],
             d_dmin: &'a [f32],
         },
     }
 
     /// [`tile_dot`] for a group of `rows` (1..=[`GROUP`]) input rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_dot_rows<const Q4: bool>(
-        rows: usize,
-        w: TileRef,
-        blocks: usize,
-        x: Group,
-        y: *mut f32,
-        stride: usize,
-    ) {
+    unsafe fn tile_dot_rows(rows: usize, w: TileRef, blocks: usize, x: Group, y: *mut f32, stride: usize) {
         match rows {
-            12 => tile_dot::<12, Q4>(w, blocks, x, y, stride),
-            11 => tile_dot::<11, Q4>(w, blocks, x, y, stride),
-            10 => tile_dot::<10, Q4>(w, blocks, x, y, stride),
-            9 => tile_dot::<9, Q4>(w, blocks, x, y, stride),
-            8 => tile_dot::<8, Q4>(w, blocks, x, y, stride),
-            7 => tile_dot::<7, Q4>(w, blocks, x, y, stride),
-            6 => tile_dot::<6, Q4>(w, blocks, x, y, stride),
-            5 => tile_dot::<5, Q4>(w, blocks, x, y, stride),
-            4 => tile_dot::<4, Q4>(w, blocks, x, y, stride),
-            3 => tile_dot::<3, Q4>(w, blocks, x, y, stride),
-            2 => tile_dot::<2, Q4>(w, blocks, x, y, stride),
-            _ => tile_dot::<1, Q4>(w, blocks, x, y, stride),
+            12 => tile_dot::<12>(w, blocks, x, y, stride),
+            11 => tile_dot::<11>(w, blocks, x, y, stride),
+            10 => tile_dot::<10>(w, blocks, x, y, stride),
+            9 => tile_dot::<9>(w, blocks, x, y, stride),
+            8 => tile_dot::<8>(w, blocks, x, y, stride),
+            7 => tile_dot::<7>(w, blocks, x, y, stride),
+            6 => tile_dot::<6>(w, blocks, x, y, stride),
+            5 => tile_dot::<5>(w, blocks, x, y, stride),
+            4 => tile_dot::<4>(w, blocks, x, y, stride),
+            3 => tile_dot::<3>(w, blocks, x, y, stride),
+            2 => tile_dot::<2>(w, blocks, x, y, stride),
+            _ => tile_dot::<1>(w, blocks, x, y, stride),
         }
     }
 
-    /// Input rows in Q8_0, grouped as the kernel takes them: within a group of rows, block by
+    /// How input rows are quantized for a tile format.
+    #[derive(Clone, Copy, PartialEq)]
+    enum InputFormat {
+        /// Q8_0 (for Q8_0 weights): a scale per block of 32, as ggml's `vec_dot_q8_0_q8_0`.
+        Q8,
+        /// Q8_K (for Q4_K weights): a scale per 256 values, as candle's and ggml's Q4_K dot
+        /// products, so one scale covers a weight super-block.
+        Q8K,
+    }
+
+    /// Input rows quantized, grouped as the kernel takes them: within a group of rows, block by
     /// block, the rows side by side (`[block][row][32]`), so one base pointer and constant
-    /// offsets reach every row's values, scale and offset.
+    /// offsets reach every row's values, scale and sums.
     struct Input {
         k: usize,
+        format: InputFormat,
         values: Vec<i8>,
-        /// Per group `[block][row]`.
+        /// Per group, Q8_0: `[block][row]`; Q8_K: `[super-block][row]`.
         scales: Vec<f32>,
-        /// `−128 · Σ values` per block, per group `[block][row]`: where each `vpdpbusd` chain
-        /// starts, which takes back the `+ 128` of the weights.
-        offsets: Vec<i32>,
+        /// Per group, Q8_0: `−128 · Σ values` per block (`[block][row]`), where each `vpdpbusd`
+        /// chain starts, which takes back the `+ 128` of the weights. Q8_K: the blocks' `Σ
+        /// values` in pairs (`[super-block][row][pair 4]`, block 2p in the low i16 and 2p+1 in
+        /// the high one), which the Q4_K mins multiply.
+        sums: Vec<i32>,
     }
 
     /// One group's part of [`Input`].
     struct Group<'a> {
         values: &'a [i8],
         scales: &'a [f32],
-        offsets: &'a [i32],
+        sums: &'a [i32],
     }
 
     impl Input {
         /// `x` ([m, k]) in groups of `per_group` rows (the last one maybe fewer).
-        fn quantize(x: &[f32], k: usize, per_group: usize) -> Self {
+        fn quantize(x: &[f32], k: usize, per_group: usize, format: InputFormat) -> Self {
             let m = x.len() / k;
             let mut input = Self {
                 k,
+                format,
                 values: vec![0i8; x.len()],
                 scales: vec![0f32; m * k / BLOCK],
-                offsets: vec![0i32; m * k / BLOCK],
+                sums: vec![0i32; m * k / BLOCK],
             };
+            input.scales.truncate(m * input.scales_per_row());
+            input.sums.truncate(m * input.sums_per_row());
             // SAFETY: `available` (AVX-512 F/BW, F16C) was checked before any tile was packed.
             unsafe { input.fill(x, per_group) };
             input
         }
 
-        /// Fills the groups block by block with [`quantize_block_avx512`].
+        fn scales_per_row(&self) -> usize {
+            match self.format {
+                InputFormat::Q8 => self.k / BLOCK,
+                InputFormat::Q8K => self.k / SUPER_BLOCK,
+            }
+        }
+
+        fn sums_per_row(&self) -> usize {
+            match self.format {
+                InputFormat::Q8 => self.k / BLOCK,
+                InputFormat::Q8K => self.k / BLOCK / 2,
+            }
+        }
+
+        /// Fills the groups: per block with [`quantize_block_avx512`], or per 256 values with
+        /// [`q8k_scale`] and [`round_block_avx512`].
         #[target_feature(enable = "avx512f,avx512bw,f16c")]
         unsafe fn fill(&mut self, x: &[f32], per_group: usize) {
             let (m, blocks) = (x.len() / self.k, self.k / BLOCK);
+            let (scales_per_row, sums_per_row) = (self.scales_per_row(), self.sums_per_row());
             for (r, row) in x.chunks_exact(self.k).enumerate() {
                 let r0 = r - r % per_group;
                 let rows = per_group.min(m - r0);
-                for (b, v) in row.chunks_exact(BLOCK).enumerate() {
-                    let at = r0 * blocks + b * rows + r % per_group;
-                    let q = &mut self.values[at * BLOCK..(at + 1) * BLOCK];
-                    (self.scales[at], self.offsets[at]) = quantize_block_avx512(v, q);
+                let at_value = |b: usize| (r0 * blocks + b * rows + r % per_group) * BLOCK;
+                match self.format {
+                    InputFormat::Q8 => {
+                        for (b, v) in row.chunks_exact(BLOCK).enumerate() {
+                            let q = &mut self.values[at_value(b)..at_value(b) + BLOCK];
+                            let at = r0 * scales_per_row + b * rows + r % per_group;
+                            (self.scales[at], self.sums[at]) = quantize_block_avx512(v, q);
+                        }
+                    }
+                    InputFormat::Q8K => {
+                        for (s, v) in row.chunks_exact(SUPER_BLOCK).enumerate() {
+                            let (d, id) = q8k_scale(v);
+                            self.scales[r0 * scales_per_row + s * rows + r % per_group] = d;
+                            let mut pairs = [0u32; SUPER_BLOCKS / 2];
+                            for (sub, v) in v.chunks_exact(BLOCK).enumerate() {
+                                let at = at_value(s * SUPER_BLOCKS + sub);
+                                let sum = round_block_avx512(v, id, &mut self.values[at..at + BLOCK]);
+                                // |Σ| ≤ 32 · 127 fits an i16.
+                                pairs[sub / 2] |= (sum as i16 as u16 as u32) << (16 * (sub % 2));
+                            }
+                            let at = r0 * sums_per_row + (s * rows + r % per_group) * SUPER_BLOCKS / 2;
+                            for (dst, p) in self.sums[at..at + SUPER_BLOCKS / 2].iter_mut().zip(pairs) {
+                                *dst = p as i32;
+                            }
+                        }
+                    }
                 }
             }
         }
 
         /// The group of `rows` rows from row `r0` on.
         fn group(&self, r0: usize, rows: usize) -> Group<'_> {
-            let (at, len) = (r0 * self.k / BLOCK, rows * self.k / BLOCK);
+            let (scales, sums) = (self.scales_per_row(), self.sums_per_row());
+            let at = r0 * self.k;
             Group {
-                values: &self.values[at * BLOCK..(at + len) * BLOCK],
-                scales: &self.scales[at..at + len],
-                offsets: &self.offsets[at..at + len],
+                values: &self.values[at..at + rows * self.k],
+                scales: &self.scales[r0 * scales..(r0 + rows) * scales],
+                sums: &self.sums[r0 * sums..(r0 + rows) * sums],
             }
         }
     }
 
-    /// `quantize_block` on AVX-512 registers, returning the stored scale and `−128 · Σ values`:
-    /// the same rounding (`round` is half away from zero: truncation after adding ½ − ulp with
-    /// the value's sign, as LLVM lowers it), the scale through F16C's round-to-nearest-even as
-    /// `half` does. Written out because the compiled `quantize_block` (a saturating cast and a
-    /// software f16 conversion per block) took ~4 % of a batch-10 step.
+    /// `max |v|` over a multiple of 16 values.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,f16c")]
-    pub(super) unsafe fn quantize_block_avx512(v: &[f32], q: &mut [i8]) -> (f32, i32) {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn amax_avx512(v: &[f32]) -> f32 {
+        assert!(v.len().is_multiple_of(16));
+        let mut m = _mm512_setzero_ps();
+        for c in v.chunks_exact(16) {
+            m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(c.as_ptr())));
+        }
+        _mm512_reduce_max_ps(m)
+    }
+
+    /// `q = round(v · id)` for one block (`round` half away from zero: truncation after adding
+    /// ½ − ulp with the value's sign, as LLVM lowers `f32::round`), returning `Σ q`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn round_block_avx512(v: &[f32], id: f32, q: &mut [i8]) -> i32 {
         assert!(v.len() == BLOCK && q.len() == BLOCK);
-        let (lo, hi) = (_mm512_loadu_ps(v.as_ptr()), _mm512_loadu_ps(v.as_ptr().add(16)));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let half_down = _mm512_castps_si512(_mm512_set1_ps(0.499_999_97));
         let sign = _mm512_set1_epi32(i32::MIN);
         let round = |x: __m512| {
@@ -593,128 +647,215 @@ pub(super) mod vnni {
             let bias = _mm512_or_si512(half_down, _mm512_and_si512(_mm512_castps_si512(scaled), sign));
             _mm512_cvttps_epi32(_mm512_add_ps(scaled, _mm512_castsi512_ps(bias)))
         };
-        let (qlo, qhi) = (round(lo), round(hi));
-        _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(qlo));
-        _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(qhi));
-        let stored = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(d))));
-        (stored, -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)))
+        let (lo, hi) = (
+            round(_mm512_loadu_ps(v.as_ptr())),
+            round(_mm512_loadu_ps(v.as_ptr().add(16))),
+        );
+        _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(lo));
+        _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(hi));
+        _mm512_reduce_add_epi32(_mm512_add_epi32(lo, hi))
     }
 
-    /// `y[r·stride + jj] = Σ_b dx_rb · dw_jj,b · Σ_{i∈b} xq_ri · wq_jj,i` for `R` input rows and the 16
-    /// rows of one tile. Per block and input row: the 4-value groups of x broadcast to all lanes,
-    /// `vpdpbusd` chains (two per row, even and odd groups, while there are too few rows to
-    /// hide the instruction's latency; one from [`ONE_CHAIN_FROM`] rows, which leaves registers
-    /// for up to [`GROUP`] rows), then the integer dot scaled by dw·dx into an f32 accumulator.
-    /// Q8_0 (`Q4` false): the chains start from −128·Σx, which takes back the weights' `+ 128`.
-    /// Q4_K: the chains start from 0, a 64-byte load holds two groups as nibbles, dw is
-    /// `d·scale` and `dmin·min·dx·Σx` is taken off after the scaling (the input's −128·Σx times
-    /// the stored `dmin / 128`). The group's rows sit side by side per block ([`Input`]):
-    /// constant offsets from one pointer, where a pointer per row spilled registers into ~40
-    /// scalar instructions a block (at 10 rows, 24 layers streamed, min of 15 on a Zen 4:
-    /// 19.6 ms; the old layout with the prefetch 26.7–27.6 ms, without it 30.5–34.8).
+    /// `quantize_block` on AVX-512 registers, returning the stored scale and `−128 · Σ values`:
+    /// the same rounding, the scale through F16C's round-to-nearest-even as `half` does.
+    /// Written out because the compiled `quantize_block` (a saturating cast and a software f16
+    /// conversion per block) took ~4 % of a batch-10 step.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
+    pub(super) unsafe fn quantize_block_avx512(v: &[f32], q: &mut [i8]) -> (f32, i32) {
+        let d = amax_avx512(v) / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let sum = round_block_avx512(v, id, q);
+        let stored = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(d))));
+        (stored, -128 * sum)
+    }
+
+    /// The scale `d` and its inverse `id` of 256 input values in Q8_K, as candle's
+    /// `BlockQ8K::from_float` up to the sign: it takes `id = −127 / v_max` for the value of
+    /// largest magnitude and `d = 1 / id`, so its values are these (`round(v · 127 / |v|_max)`)
+    /// times −sign(v_max), and its scale this one times −sign(v_max): the same products.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn q8k_scale(v: &[f32]) -> (f32, f32) {
+        match amax_avx512(v) {
+            0.0 => (0.0, 0.0),
+            amax => {
+                let id = 127.0 / amax;
+                (1.0 / id, id)
+            }
+        }
+    }
+
+    /// `y[r·stride + jj] = Σ_i x_ri · w_jj,i` for `R` input rows and the 16 rows of one tile,
+    /// in the tile's format.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_dot<const R: usize, const Q4: bool>(
-        w: TileRef,
+    unsafe fn tile_dot<const R: usize>(w: TileRef, blocks: usize, x: Group, y: *mut f32, stride: usize) {
+        assert!(x.values.len() == R * blocks * BLOCK);
+        match w {
+            TileRef::Q8 { values, scales } => q8_dot::<R>(values, scales, blocks, x, y, stride),
+            TileRef::Q4K {
+                values,
+                scales,
+                mins,
+                d_dmin,
+            } => q4k_dot::<R>(values, (scales, mins, d_dmin), blocks, x, y, stride),
+        }
+    }
+
+    /// The integer dot products of one block for `R` input rows and the 16 weight rows of a
+    /// tile: per 4-value group of x broadcast to all lanes, `vpdpbusd` chains from `start` (two
+    /// per row, even and odd groups, while there are too few rows to hide the instruction's
+    /// latency; one from [`ONE_CHAIN_FROM`] rows, which leaves registers for up to [`GROUP`]
+    /// rows). `wb` is the block's weights (Q8_0 bytes, or with `NIBBLES` two groups in a
+    /// 64-byte load), `xb` the group's rows side by side ([`Input`]): constant offsets from one
+    /// pointer, where a pointer per row spilled registers into ~40 scalar instructions a block
+    /// (at 10 rows, 24 layers streamed, min of 15 on a Zen 4: 19.6 ms; the old layout with the
+    /// prefetch 26.7–27.6 ms, without it 30.5–34.8).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn block_dots<const R: usize, const NIBBLES: bool>(
+        wb: *const u8,
+        xb: *const i8,
+        start: [__m512i; R],
+    ) -> [__m512i; R] {
+        let block_bytes = if NIBBLES { TILE_BLOCK / 2 } else { TILE_BLOCK };
+        // Four blocks ahead (a tile's blocks, and the task's next tile, lie one after another):
+        // from 4 rows on the hardware prefetcher falls behind a pass's compute, and on a 2-core
+        // Xeon it did at 1 and 2 rows too (24 streamed layers, min of 9 alternated: 1 row Q4_K
+        // 15.8 → 12.9 ms, Q8_0 19.6 → 18.8; 2 rows 19.2 → 16.0, 28.2 → 23.0; 4 and 10 rows
+        // unchanged).
+        for line in 0..block_bytes / 64 {
+            _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(4 * block_bytes + 64 * line) as *const i8);
+        }
+        let nibble = _mm512_set1_epi8(0x0f);
+        let mut even = start;
+        let mut odd = [_mm512_setzero_si512(); R];
+        for g in 0..4 {
+            let (w0, w1) = if NIBBLES {
+                let v = _mm512_loadu_si512(wb.add(64 * g) as *const _);
+                (
+                    _mm512_and_si512(v, nibble),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble),
+                )
+            } else {
+                (
+                    _mm512_loadu_si512(wb.add(128 * g) as *const _),
+                    _mm512_loadu_si512(wb.add(128 * g + 64) as *const _),
+                )
+            };
+            for r in 0..R {
+                let xg = xb.add(r * BLOCK + 8 * g);
+                let x0 = _mm512_set1_epi32((xg as *const i32).read_unaligned());
+                let x1 = _mm512_set1_epi32((xg.add(4) as *const i32).read_unaligned());
+                if R < ONE_CHAIN_FROM {
+                    even[r] = _mm512_dpbusd_epi32(even[r], w0, x0);
+                    odd[r] = _mm512_dpbusd_epi32(odd[r], w1, x1);
+                } else {
+                    even[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(even[r], w0, x0), w1, x1);
+                }
+            }
+        }
+        std::array::from_fn(|r| _mm512_add_epi32(even[r], odd[r]))
+    }
+
+    /// Q8_0: `Σ_b dx_rb · dw_b · dot_rb`, the chains starting from `−128·Σx` (which takes back
+    /// the weights' `+ 128`), each block's integer dots scaled by dw·dx into f32 accumulators.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q8_dot<const R: usize>(
+        values: &[u8],
+        scales: &[f16],
         blocks: usize,
         x: Group,
         y: *mut f32,
         stride: usize,
     ) {
-        assert!(x.values.len() == R * blocks * BLOCK && x.scales.len() == R * blocks && x.offsets.len() == R * blocks);
-        let (values, block_bytes) = match w {
-            TileRef::Q8 { values, scales } => {
-                assert!(!Q4 && scales.len() == blocks * TILE_ROWS);
-                (values, TILE_BLOCK)
-            }
-            TileRef::Q4K {
-                values,
-                scales_mins,
-                d_dmin,
-            } => {
-                assert!(Q4 && scales_mins.len() == blocks * 2 * TILE_ROWS);
-                assert!(d_dmin.len() == blocks / SUPER_BLOCKS * 2 * TILE_ROWS);
-                (values, TILE_BLOCK / 2)
-            }
-        };
-        assert!(values.len() == blocks * block_bytes);
-        let wp = values.as_ptr();
-        let nibble = _mm512_set1_epi8(0x0f);
+        assert!(values.len() == blocks * TILE_BLOCK && scales.len() == blocks * TILE_ROWS);
+        assert!(x.scales.len() == R * blocks && x.sums.len() == R * blocks);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..blocks {
-            let (xb, sb, ob) = (
+            let (sb, ob) = (x.scales.as_ptr().add(b * R), x.sums.as_ptr().add(b * R));
+            let start = std::array::from_fn(|r| _mm512_set1_epi32(*ob.add(r)));
+            let dots = block_dots::<R, false>(
+                values.as_ptr().add(b * TILE_BLOCK),
                 x.values.as_ptr().add(b * R * BLOCK),
-                x.scales.as_ptr().add(b * R),
-                x.offsets.as_ptr().add(b * R),
+                start,
             );
-            let mut even = [_mm512_setzero_si512(); R];
-            let mut odd = [_mm512_setzero_si512(); R];
-            if !Q4 {
-                for (r, e) in even.iter_mut().enumerate() {
-                    *e = _mm512_set1_epi32(*ob.add(r));
-                }
-            }
-            let wb = wp.add(b * block_bytes);
-            // Four blocks ahead (a tile's blocks, and the task's next tile, lie one after
-            // another): from 4 rows on the hardware prefetcher falls behind a pass's compute, and
-            // on a 2-core Xeon it did at 1 and 2 rows too (24 streamed layers, min of 9
-            // alternated: 1 row Q4_K 15.8 → 12.9 ms, Q8_0 19.6 → 18.8; 2 rows 19.2 → 16.0,
-            // 28.2 → 23.0; 4 and 10 rows unchanged).
-            for line in 0..block_bytes / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(4 * block_bytes + 64 * line) as *const i8);
-            }
-            for g in 0..4 {
-                let (w0, w1) = if Q4 {
-                    let v = _mm512_loadu_si512(wb.add(64 * g) as *const _);
-                    (
-                        _mm512_and_si512(v, nibble),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble),
-                    )
-                } else {
-                    (
-                        _mm512_loadu_si512(wb.add(128 * g) as *const _),
-                        _mm512_loadu_si512(wb.add(128 * g + 64) as *const _),
-                    )
-                };
-                for r in 0..R {
-                    let xg = xb.add(r * BLOCK + 8 * g);
-                    let x0 = _mm512_set1_epi32((xg as *const i32).read_unaligned());
-                    let x1 = _mm512_set1_epi32((xg.add(4) as *const i32).read_unaligned());
-                    if R < ONE_CHAIN_FROM {
-                        even[r] = _mm512_dpbusd_epi32(even[r], w0, x0);
-                        odd[r] = _mm512_dpbusd_epi32(odd[r], w1, x1);
-                    } else {
-                        even[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(even[r], w0, x0), w1, x1);
-                    }
-                }
-            }
-            match w {
-                TileRef::Q8 { scales, .. } => {
-                    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.as_ptr().add(b * TILE_ROWS) as *const __m256i));
-                    for r in 0..R {
-                        let dots = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
-                        acc[r] = _mm512_fmadd_ps(dots, _mm512_mul_ps(dw, _mm512_set1_ps(*sb.add(r))), acc[r]);
-                    }
-                }
-                TileRef::Q4K {
-                    scales_mins, d_dmin, ..
-                } => {
-                    let sm = scales_mins.as_ptr().add(b * 2 * TILE_ROWS);
-                    let dd = d_dmin.as_ptr().add(b / SUPER_BLOCKS * 2 * TILE_ROWS);
-                    let widen =
-                        |p: *const u8| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)));
-                    let dw = _mm512_mul_ps(_mm512_loadu_ps(dd), widen(sm));
-                    let dmin = _mm512_mul_ps(_mm512_loadu_ps(dd.add(TILE_ROWS)), widen(sm.add(TILE_ROWS)));
-                    for r in 0..R {
-                        let dx = *sb.add(r);
-                        let dots = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
-                        acc[r] = _mm512_fmadd_ps(dots, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[r]);
-                        acc[r] = _mm512_fmadd_ps(dmin, _mm512_set1_ps(dx * *ob.add(r) as f32), acc[r]);
-                    }
-                }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.as_ptr().add(b * TILE_ROWS) as *const __m256i));
+            for r in 0..R {
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*sb.add(r)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
             }
         }
         for (r, a) in acc.iter().enumerate() {
             _mm512_storeu_ps(y.add(r * stride), *a);
+        }
+    }
+
+    /// Q4_K against Q8_K inputs: per super-block s, `dx_rs · (d · Σ_b scale_b · dot_rb −
+    /// dmin · Σ_b min_b · Σx_rb)`. The blocks' dots are scaled by `d·scale` (one vector for all
+    /// rows) into f32 accumulators; the mins term is integer (`vpdpwssd` over pairs of blocks)
+    /// once per super-block; `dx` is applied once per super-block. Written this way because with
+    /// an input scale per block each block and row took ~8 more vector instructions beside its
+    /// 8 `vpdpbusd` (perf of a batch-10 q4_k step: 38 % of the kernel's samples on `vpdpbusd`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q4k_dot<const R: usize>(
+        values: &[u8],
+        (scales, mins, d_dmin): (&[u8], &[u8], &[f32]),
+        blocks: usize,
+        x: Group,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        let supers = blocks / SUPER_BLOCKS;
+        assert!(values.len() == blocks * TILE_BLOCK / 2);
+        assert!(scales.len() == blocks * TILE_ROWS && mins.len() == blocks * TILE_ROWS);
+        assert!(d_dmin.len() == supers * 2 * TILE_ROWS);
+        assert!(x.scales.len() == R * supers && x.sums.len() == R * supers * SUPER_BLOCKS / 2);
+        for r in 0..R {
+            _mm512_storeu_ps(y.add(r * stride), _mm512_setzero_ps());
+        }
+        for s in 0..supers {
+            let d = _mm512_loadu_ps(d_dmin.as_ptr().add(s * 2 * TILE_ROWS));
+            let dmin = _mm512_loadu_ps(d_dmin.as_ptr().add(s * 2 * TILE_ROWS + TILE_ROWS));
+            let mut acc = [_mm512_setzero_ps(); R];
+            for sub in 0..SUPER_BLOCKS {
+                let b = s * SUPER_BLOCKS + sub;
+                let dots = block_dots::<R, true>(
+                    values.as_ptr().add(b * TILE_BLOCK / 2),
+                    x.values.as_ptr().add(b * R * BLOCK),
+                    [_mm512_setzero_si512(); R],
+                );
+                let block_scales = _mm_loadu_si128(scales.as_ptr().add(b * TILE_ROWS) as *const __m128i);
+                let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(block_scales)));
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
+                }
+            }
+            let pairs: [__m512i; SUPER_BLOCKS / 2] = std::array::from_fn(|p| {
+                let at = (s * SUPER_BLOCKS / 2 + p) * 2 * TILE_ROWS;
+                _mm512_cvtepu8_epi16(_mm256_loadu_si256(mins.as_ptr().add(at) as *const __m256i))
+            });
+            for (r, a) in acc.iter().enumerate() {
+                let (dx, sums) = (
+                    *x.scales.as_ptr().add(s * R + r),
+                    x.sums.as_ptr().add((s * R + r) * SUPER_BLOCKS / 2),
+                );
+                let mut min_dot = _mm512_setzero_si512();
+                for (p, pair) in pairs.iter().enumerate() {
+                    min_dot = _mm512_dpwssd_epi32(min_dot, *pair, _mm512_set1_epi32(*sums.add(p)));
+                }
+                let out = y.add(r * stride);
+                let sum = _mm512_fmadd_ps(*a, _mm512_set1_ps(dx), _mm512_loadu_ps(out));
+                let sum = _mm512_fnmadd_ps(
+                    _mm512_cvtepi32_ps(min_dot),
+                    _mm512_mul_ps(dmin, _mm512_set1_ps(dx)),
+                    sum,
+                );
+                _mm512_storeu_ps(out, sum);
+            }
         }
     }
 }
