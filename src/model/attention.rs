@@ -189,34 +189,22 @@ mod simd {
         if !std::is_x86_feature_detected!("avx512f") {
             return false;
         }
+        // Two query heads a pass where their number is even (the release's 16 query heads on 8
+        // key/value heads), one at a time otherwise.
+        let pairs = queries.len().is_multiple_of(2 * kv.head_dim);
         // SAFETY: AVX-512 F was detected; `heads_v` checks the slice lengths.
         unsafe {
-            match kv.head_dim {
-                128 => in_pairs::<8>(queries, kv, seen, scale, scores, acc),
-                64 => in_pairs::<4>(queries, kv, seen, scale, scores, acc),
-                32 => in_pairs::<2>(queries, kv, seen, scale, scores, acc),
+            match (kv.head_dim, pairs) {
+                (128, true) => heads_v::<8, 2>(queries, kv, seen, scale, scores, acc),
+                (128, false) => heads_v::<8, 1>(queries, kv, seen, scale, scores, acc),
+                (64, true) => heads_v::<4, 2>(queries, kv, seen, scale, scores, acc),
+                (64, false) => heads_v::<4, 1>(queries, kv, seen, scale, scores, acc),
+                (32, true) => heads_v::<2, 2>(queries, kv, seen, scale, scores, acc),
+                (32, false) => heads_v::<2, 1>(queries, kv, seen, scale, scores, acc),
                 _ => return false,
             }
         }
         true
-    }
-
-    /// [`heads_v`] two query heads at a time where their number is even (the release's 16
-    /// query heads on 8 key/value heads), one at a time otherwise.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn in_pairs<const V: usize>(
-        queries: &[f32],
-        kv: &KvHead,
-        seen: usize,
-        scale: f32,
-        scores: &mut [f32],
-        acc: &mut [f32],
-    ) {
-        if queries.len().is_multiple_of(2 * 16 * V) {
-            heads_v::<V, 2>(queries, kv, seen, scale, scores, acc)
-        } else {
-            heads_v::<V, 1>(queries, kv, seen, scale, scores, acc)
-        }
     }
 
     /// `V` vectors of 16 per head, `P` query heads per pass over the keys and values, which

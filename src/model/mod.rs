@@ -37,7 +37,7 @@ pub(crate) fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 pub(crate) fn on_worker_helped<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match rayon::current_thread_index() {
         Some(_) => f(),
-        None => rayon::join(|| with_helper(f), || ()).0,
+        None => on_worker(|| with_helper(f)),
     }
 }
 
