@@ -4,7 +4,7 @@
 //! widened tiles at prefill sizes (16 to 96 rows, bf16 weights), which sets
 //! `gemv::PROJECTION_ROWS`; then Q8_0: candle's `QMatMul` against koe's AVX2 kernel
 //! (`model::q8`: AVX-512 VNNI tiles where the CPU has them, else AVX2) at 1, 10 and 48 rows;
-//! where the CPU has AVX-512 VNNI, Q4_K: candle's `QMatMul` against koe's tiles (`model::q4k`),
+//! where the CPU has AVX-512 VNNI or AVX2, Q4_K: candle's `QMatMul` against koe's tiles (`model::q4k`),
 //! beside koe's Q8_0 (min of alternated repetitions).
 //!
 //! cargo bench --bench kernels

@@ -60,7 +60,7 @@ enum Projection {
     Quantized(QMatMul),
     /// Q8_0 through koe's kernels (AVX2, or AVX-512 VNNI tiles; `q8::preferred`).
     Q8(Q8Weight),
-    /// Q4_K through koe's AVX-512 VNNI tiles (`q4k::available`).
+    /// Q4_K through koe's tiles (AVX-512 VNNI or AVX2; `q4k::available`).
     Q4k(Q4kWeight),
 }
 
@@ -235,7 +235,7 @@ mod tests {
     use std::collections::HashMap;
 
     /// A q4_k weight the tiles can take (whole 16-row tiles, 256-wide super-blocks) runs on them
-    /// where the CPU has AVX-512 VNNI (elsewhere on candle's `QMatMul`); tensor and host entry
+    /// where the CPU has AVX-512 VNNI or AVX2 (elsewhere on candle's `QMatMul`); tensor and host entry
     /// points agree, and the product is Q4_K-close to the f32 one.
     #[test]
     fn q4_k_projection_follows_f32() -> Result<()> {

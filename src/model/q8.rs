@@ -39,6 +39,15 @@ pub fn preferred() -> bool {
 /// d = max|v| / 127 stored as f16, values round(v / d). Returns the stored scale as f32.
 #[inline(always)]
 fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
+    let d = amax(v) / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    round_block(v, id, q);
+    f16::from_f32(d).to_f32()
+}
+
+/// `max |v|` over a multiple of 8 values.
+#[inline(always)]
+fn amax(v: &[f32]) -> f32 {
     // Eight running maxima, not one: `max` is exact in any order, and independent lanes
     // vectorize where one chain of `max` would run serially.
     let mut lanes = [0f32; 8];
@@ -47,13 +56,18 @@ fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
             *m = m.max(x.abs());
         }
     }
-    let amax = lanes.iter().fold(0f32, |m, &x| m.max(x));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    lanes.iter().fold(0f32, |m, &x| m.max(x))
+}
+
+/// `q = round(v · id)` for one block, returning `Σ q`.
+#[inline(always)]
+fn round_block(v: &[f32], id: f32, q: &mut [i8]) -> i32 {
+    let mut sum = 0;
     for (q, &x) in q.iter_mut().zip(v) {
         *q = (x * id).round() as i8;
+        sum += *q as i32;
     }
-    f16::from_f32(d).to_f32()
+    sum
 }
 
 /// `quantize_block` over whole blocks of `x`, into `values` and `scales` (a plain loop, so the
@@ -131,7 +145,7 @@ enum Layout {
     Rows(Q8Rows),
     /// Tiles of 16 weight rows, for the AVX-512 VNNI kernel.
     #[cfg(target_arch = "x86_64")]
-    Tiles(vnni::Tiles),
+    Tiles(tiles::Tiles),
 }
 
 impl Q8Weight {
@@ -139,7 +153,7 @@ impl Q8Weight {
     /// whole tiles. `None` when `k` is not a multiple of [`BLOCK`].
     pub fn quantize(w: &[f32], n: usize, k: usize) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
-        let tiles = vnni::available() && n.is_multiple_of(vnni::TILE_ROWS);
+        let tiles = tiles::vnni() && n.is_multiple_of(tiles::TILE_ROWS);
         #[cfg(not(target_arch = "x86_64"))]
         let tiles = false;
         Self::quantize_into(w, n, k, tiles)
@@ -154,7 +168,7 @@ impl Q8Weight {
         if tiles {
             return Some(Self {
                 n,
-                layout: Layout::Tiles(vnni::Tiles::pack(&rows, n)),
+                layout: Layout::Tiles(tiles::Tiles::pack(&rows, n)),
             });
         }
         debug_assert!(!tiles, "tiles need x86_64");
@@ -274,11 +288,14 @@ mod avx2 {
     }
 }
 
-/// The AVX-512 VNNI kernel and its weight layouts: Q8_0, and Q4_K for `model::q4k` (the same
-/// tiles, weights as nibbles, inputs quantized per 256 values).
+/// Weights in tiles of 16 rows and their kernels: Q8_0 and Q4_K (for `model::q4k`: the same
+/// tiles, weights as nibbles, inputs quantized per 256 values) on AVX-512 VNNI's `vpdpbusd`, and
+/// Q4_K on AVX2 alone. Q8_0 has no AVX2 tile kernel: AVX2's `vpmaddubsw` saturates its 16-bit
+/// pair sums for full-range bytes on both sides, which the row kernel's sign trick avoids, while
+/// Q4_K's nibbles (0..15) keep even eight of its pair sums exact in 16 bits.
 #[cfg(target_arch = "x86_64")]
-pub(super) mod vnni {
-    use super::{Q8Rows, BLOCK};
+pub(super) mod tiles {
+    use super::{amax, round_block, Q8Rows, BLOCK};
     use crate::model::gemv::SendPtr;
     use half::f16;
     use rayon::prelude::*;
@@ -292,6 +309,10 @@ pub(super) mod vnni {
     const TILES_PER_TASK: usize = 2;
     /// Input rows per pass over a tile: 12 accumulators of each kind fit AVX-512's 32 registers.
     const GROUP: usize = 12;
+    /// The same for the AVX2 Q4_K kernel: two accumulators a row in 16 registers.
+    const GROUP_AVX2: usize = 5;
+    /// Weight rows of a tile per AVX2 vector of i32 sums: the kernel takes a tile in two halves.
+    const HALF: usize = TILE_ROWS / 2;
     /// Rows from which one `vpdpbusd` chain per row keeps the unit busy.
     const ONE_CHAIN_FROM: usize = 5;
     /// Blocks per Q4_K super-block.
@@ -299,11 +320,17 @@ pub(super) mod vnni {
     /// Values per Q4_K super-block, and per input scale in the Q4_K kernel.
     const SUPER_BLOCK: usize = SUPER_BLOCKS * BLOCK;
 
-    pub fn available() -> bool {
+    /// Whether this CPU has AVX-512 F/BW/VNNI and F16C: both formats on `vpdpbusd`.
+    pub fn vnni() -> bool {
         std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("f16c")
             && std::is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// Whether this CPU runs Q4_K tiles: with [`vnni`], or on AVX2 and FMA.
+    pub fn q4k() -> bool {
+        vnni() || (std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
     }
 
     /// `[n, k]` as tiles of 16 rows, block by block (32 values of each row), in one of two
@@ -404,13 +431,16 @@ pub(super) mod vnni {
         /// tiles and write their 16 columns of every output row.
         pub fn matmul_wt(&self, x: &[f32], m: usize, n: usize) -> Vec<f32> {
             let blocks = self.k / BLOCK;
+            // Q8_0 tiles are packed only with VNNI; Q4_K tiles also without (`q4k`).
+            let vnni = vnni();
             // Groups of at most GROUP rows, as even as possible (16 rows: 8 + 8).
-            let per_group = m.div_ceil(m.div_ceil(GROUP));
+            let group = if vnni { GROUP } else { GROUP_AVX2 };
+            let per_group = m.div_ceil(m.div_ceil(group));
             let format = match self.scales {
                 TileScales::Q8(_) => InputFormat::Q8,
                 TileScales::Q4K { .. } => InputFormat::Q8K,
             };
-            let input = Input::quantize(x, self.k, per_group, format);
+            let input = Input::quantize(x, self.k, per_group, format, vnni);
             // Every element is written below (the tiles cover all n columns of every row):
             // zeroing first cost ~1 % of a batch-10 step in `memset`.
             assert!(n.is_multiple_of(TILE_ROWS), "whole tiles");
@@ -423,13 +453,16 @@ pub(super) mod vnni {
                     let weights = self.tile(tile);
                     for r0 in (0..m).step_by(per_group) {
                         let rows = per_group.min(m - r0);
-                        // SAFETY: AVX-512 F/BW/VNNI were detected before packing; `weights` holds
-                        // `blocks` blocks of this tile, the group holds `rows` input rows in
-                        // the tile's format, and this task alone writes columns tile·16.. of
-                        // `y` ([m, n]).
+                        // SAFETY: AVX-512 F/BW/VNNI were detected, or AVX2 and FMA for Q4_K
+                        // tiles (`q4k`, checked before packing them); `weights` holds `blocks`
+                        // blocks of this tile, the group holds `rows` input rows in the tile's
+                        // format, and this task alone writes columns tile·16.. of `y` ([m, n]).
                         unsafe {
                             let (x, y) = (input.group(r0, rows), out.get().add(r0 * n + tile * TILE_ROWS));
-                            tile_dot_rows(rows, weights, blocks, x, y, n);
+                            match vnni {
+                                true => tile_dot_rows(rows, weights, blocks, x, y, n),
+                                false => q4k_rows_avx2(rows, weights, blocks, x, y, n),
+                            }
                         }
                     }
                 });
@@ -450,12 +483,12 @@ pub(super) mod vnni {
                 TileScales::Q4K { scales, mins, d_dmin } => {
                     let supers = blocks / SUPER_BLOCKS;
                     let per_tile = supers * 2 * TILE_ROWS;
-                    TileRef::Q4K {
+                    TileRef::Q4K(Q4kTile {
                         values: &self.values[at * TILE_BLOCK / 2..(at + blocks) * TILE_BLOCK / 2],
                         scales: &scales[at * TILE_ROWS..(at + blocks) * TILE_ROWS],
                         mins: &mins[at * TILE_ROWS..(at + blocks) * TILE_ROWS],
                         d_dmin: &d_dmin[tile * per_tile..(tile + 1) * per_tile],
-                    }
+                    })
                 }
             }
         }
@@ -474,16 +507,30 @@ pub(super) mod vnni {
     /// One tile's weights ([`TileScales`]).
     #[derive(Clone, Copy)]
     enum TileRef<'a> {
-        Q8 {
-            values: &'a [u8],
-            scales: &'a [f16],
-        },
-        Q4K {
-            values: &'a [u8],
-            scales: &'a [u8],
-            mins: &'a [u8],
-            d_dmin: &'a [f32],
-        },
+        Q8 { values: &'a [u8], scales: &'a [f16] },
+        Q4K(Q4kTile<'a>),
+    }
+
+    /// One Q4_K tile's parts ([`TileScales::Q4K`]).
+    #[derive(Clone, Copy)]
+    struct Q4kTile<'a> {
+        values: &'a [u8],
+        scales: &'a [u8],
+        mins: &'a [u8],
+        d_dmin: &'a [f32],
+    }
+
+    impl Q4kTile<'_> {
+        /// The tile's super-blocks, after checking that its parts hold `blocks` blocks and the
+        /// group `x` as many for `rows` input rows.
+        fn super_blocks(&self, blocks: usize, x: &Group, rows: usize) -> usize {
+            let supers = blocks / SUPER_BLOCKS;
+            assert!(self.values.len() == blocks * TILE_BLOCK / 2);
+            assert!(self.scales.len() == blocks * TILE_ROWS && self.mins.len() == blocks * TILE_ROWS);
+            assert!(self.d_dmin.len() == supers * 2 * TILE_ROWS);
+            assert!(x.scales.len() == rows * supers && x.sums.len() == rows * supers * SUPER_BLOCKS / 2);
+            supers
+        }
     }
 
     /// [`tile_dot`] for a group of `rows` (1..=[`GROUP`]) input rows.
@@ -540,7 +587,8 @@ pub(super) mod vnni {
 
     impl Input {
         /// `x` ([m, k]) in groups of `per_group` rows (the last one maybe fewer).
-        fn quantize(x: &[f32], k: usize, per_group: usize, format: InputFormat) -> Self {
+        /// With `vnni` false only Q8_K, on AVX2.
+        fn quantize(x: &[f32], k: usize, per_group: usize, format: InputFormat, vnni: bool) -> Self {
             let m = x.len() / k;
             let mut input = Self {
                 k,
@@ -551,8 +599,14 @@ pub(super) mod vnni {
             };
             input.scales.truncate(m * input.scales_per_row());
             input.sums.truncate(m * input.sums_per_row());
-            // SAFETY: `available` (AVX-512 F/BW, F16C) was checked before any tile was packed.
-            unsafe { input.fill(x, per_group) };
+            // SAFETY: `vnni` (AVX-512 F/BW, F16C) or `q4k` (AVX2 and FMA, for Q8_K inputs) was
+            // checked before any tile was packed.
+            unsafe {
+                match vnni {
+                    true => input.fill_avx512(x, per_group),
+                    false => input.fill_avx2(x, per_group),
+                }
+            }
             input
         }
 
@@ -570,10 +624,22 @@ pub(super) mod vnni {
             }
         }
 
-        /// Fills the groups: per block with [`quantize_block_avx512`], or per 256 values with
-        /// [`q8k_scale`] and [`round_block_avx512`].
         #[target_feature(enable = "avx512f,avx512bw,f16c")]
-        unsafe fn fill(&mut self, x: &[f32], per_group: usize) {
+        unsafe fn fill_avx512(&mut self, x: &[f32], per_group: usize) {
+            self.fill::<true>(x, per_group)
+        }
+
+        /// Q8_K only, with the portable block code compiled for AVX2 (the same values).
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fill_avx2(&mut self, x: &[f32], per_group: usize) {
+            assert!(self.format == InputFormat::Q8K);
+            self.fill::<false>(x, per_group)
+        }
+
+        /// Fills the groups: per block with [`quantize_block_avx512`], or per 256 values with
+        /// [`q8k_scale`] and [`round_block_avx512`] (`AVX512`) or their portable twins.
+        #[inline(always)]
+        unsafe fn fill<const AVX512: bool>(&mut self, x: &[f32], per_group: usize) {
             let (m, blocks) = (x.len() / self.k, self.k / BLOCK);
             let (scales_per_row, sums_per_row) = (self.scales_per_row(), self.sums_per_row());
             for (r, row) in x.chunks_exact(self.k).enumerate() {
@@ -590,12 +656,17 @@ pub(super) mod vnni {
                     }
                     InputFormat::Q8K => {
                         for (s, v) in row.chunks_exact(SUPER_BLOCK).enumerate() {
-                            let (d, id) = q8k_scale(v);
+                            let (d, id) = q8k_scale(if AVX512 { amax_avx512(v) } else { amax(v) });
                             self.scales[r0 * scales_per_row + s * rows + r % per_group] = d;
                             let mut pairs = [0u32; SUPER_BLOCKS / 2];
                             for (sub, v) in v.chunks_exact(BLOCK).enumerate() {
                                 let at = at_value(s * SUPER_BLOCKS + sub);
-                                let sum = round_block_avx512(v, id, &mut self.values[at..at + BLOCK]);
+                                let q = &mut self.values[at..at + BLOCK];
+                                let sum = if AVX512 {
+                                    round_block_avx512(v, id, q)
+                                } else {
+                                    round_block(v, id, q)
+                                };
                                 // |Σ| ≤ 32 · 127 fits an i16.
                                 pairs[sub / 2] |= (sum as i16 as u16 as u32) << (16 * (sub % 2));
                             }
@@ -670,14 +741,12 @@ pub(super) mod vnni {
         (stored, -128 * sum)
     }
 
-    /// The scale `d` and its inverse `id` of 256 input values in Q8_K, as candle's
+    /// The scale `d` and its inverse `id` of 256 input values (`amax` their largest magnitude) in Q8_K, as candle's
     /// `BlockQ8K::from_float` up to the sign: it takes `id = −127 / v_max` for the value of
     /// largest magnitude and `d = 1 / id`, so its values are these (`round(v · 127 / |v|_max)`)
     /// times −sign(v_max), and its scale this one times −sign(v_max): the same products.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn q8k_scale(v: &[f32]) -> (f32, f32) {
-        match amax_avx512(v) {
+    fn q8k_scale(amax: f32) -> (f32, f32) {
+        match amax {
             0.0 => (0.0, 0.0),
             amax => {
                 let id = 127.0 / amax;
@@ -694,12 +763,7 @@ pub(super) mod vnni {
         assert!(x.values.len() == R * blocks * BLOCK);
         match w {
             TileRef::Q8 { values, scales } => q8_dot::<R>(values, scales, blocks, x, y, stride),
-            TileRef::Q4K {
-                values,
-                scales,
-                mins,
-                d_dmin,
-            } => q4k_dot::<R>(values, (scales, mins, d_dmin), blocks, x, y, stride),
+            TileRef::Q4K(w) => q4k_dot::<R>(w, blocks, x, y, stride),
         }
     }
 
@@ -801,34 +865,23 @@ pub(super) mod vnni {
     /// 8 `vpdpbusd` (perf of a batch-10 q4_k step: 38 % of the kernel's samples on `vpdpbusd`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn q4k_dot<const R: usize>(
-        values: &[u8],
-        (scales, mins, d_dmin): (&[u8], &[u8], &[f32]),
-        blocks: usize,
-        x: Group,
-        y: *mut f32,
-        stride: usize,
-    ) {
-        let supers = blocks / SUPER_BLOCKS;
-        assert!(values.len() == blocks * TILE_BLOCK / 2);
-        assert!(scales.len() == blocks * TILE_ROWS && mins.len() == blocks * TILE_ROWS);
-        assert!(d_dmin.len() == supers * 2 * TILE_ROWS);
-        assert!(x.scales.len() == R * supers && x.sums.len() == R * supers * SUPER_BLOCKS / 2);
+    unsafe fn q4k_dot<const R: usize>(w: Q4kTile, blocks: usize, x: Group, y: *mut f32, stride: usize) {
+        let supers = w.super_blocks(blocks, &x, R);
         for r in 0..R {
             _mm512_storeu_ps(y.add(r * stride), _mm512_setzero_ps());
         }
         for s in 0..supers {
-            let d = _mm512_loadu_ps(d_dmin.as_ptr().add(s * 2 * TILE_ROWS));
-            let dmin = _mm512_loadu_ps(d_dmin.as_ptr().add(s * 2 * TILE_ROWS + TILE_ROWS));
+            let d = _mm512_loadu_ps(w.d_dmin.as_ptr().add(s * 2 * TILE_ROWS));
+            let dmin = _mm512_loadu_ps(w.d_dmin.as_ptr().add(s * 2 * TILE_ROWS + TILE_ROWS));
             let mut acc = [_mm512_setzero_ps(); R];
             for sub in 0..SUPER_BLOCKS {
                 let b = s * SUPER_BLOCKS + sub;
                 let dots = block_dots::<R, true>(
-                    values.as_ptr().add(b * TILE_BLOCK / 2),
+                    w.values.as_ptr().add(b * TILE_BLOCK / 2),
                     x.values.as_ptr().add(b * R * BLOCK),
                     [_mm512_setzero_si512(); R],
                 );
-                let block_scales = _mm_loadu_si128(scales.as_ptr().add(b * TILE_ROWS) as *const __m128i);
+                let block_scales = _mm_loadu_si128(w.scales.as_ptr().add(b * TILE_ROWS) as *const __m128i);
                 let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(block_scales)));
                 for r in 0..R {
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
@@ -836,7 +889,7 @@ pub(super) mod vnni {
             }
             let pairs: [__m512i; SUPER_BLOCKS / 2] = std::array::from_fn(|p| {
                 let at = (s * SUPER_BLOCKS / 2 + p) * 2 * TILE_ROWS;
-                _mm512_cvtepu8_epi16(_mm256_loadu_si256(mins.as_ptr().add(at) as *const __m256i))
+                _mm512_cvtepu8_epi16(_mm256_loadu_si256(w.mins.as_ptr().add(at) as *const __m256i))
             });
             for (r, a) in acc.iter().enumerate() {
                 let (dx, sums) = (
@@ -855,6 +908,102 @@ pub(super) mod vnni {
                     sum,
                 );
                 _mm512_storeu_ps(out, sum);
+            }
+        }
+    }
+
+    /// [`q4k_dot_avx2`] for a group of `rows` (1..=[`GROUP_AVX2`]) input rows.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q4k_rows_avx2(rows: usize, w: TileRef, blocks: usize, x: Group, y: *mut f32, stride: usize) {
+        let TileRef::Q4K(w) = w else {
+            unreachable!("Q8_0 tiles are packed only with VNNI")
+        };
+        match rows {
+            5 => q4k_dot_avx2::<5>(w, blocks, x, y, stride),
+            4 => q4k_dot_avx2::<4>(w, blocks, x, y, stride),
+            3 => q4k_dot_avx2::<3>(w, blocks, x, y, stride),
+            2 => q4k_dot_avx2::<2>(w, blocks, x, y, stride),
+            _ => q4k_dot_avx2::<1>(w, blocks, x, y, stride),
+        }
+    }
+
+    /// Q4_K against Q8_K inputs on AVX2, the same sum as [`q4k_dot`] for one half of the tile
+    /// (8 weight rows) at a time. Per 4-value group of x broadcast to all lanes, `vpmaddubsw`
+    /// multiplies the nibbles (unsigned) by the inputs (signed) into pair sums of at most
+    /// 2 · 15 · 127, so a block's 8 groups add up in 16 bits without saturating (8 · 3810 <
+    /// 32767); `vpmaddwd` by the rows' block scales then sums them into 32 bits, and the
+    /// super-block's integer sum is scaled by `d · dx` once. The mins term is one `vpmaddwd` per
+    /// pair of blocks, as `vpdpwssd` in [`q4k_dot`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q4k_dot_avx2<const R: usize>(w: Q4kTile, blocks: usize, x: Group, y: *mut f32, stride: usize) {
+        let supers = w.super_blocks(blocks, &x, R);
+        let nibble = _mm256_set1_epi8(0x0f);
+        for r in 0..R {
+            _mm256_storeu_ps(y.add(r * stride), _mm256_setzero_ps());
+            _mm256_storeu_ps(y.add(r * stride + HALF), _mm256_setzero_ps());
+        }
+        // Both halves of a super-block one after the other: the second reads the rest of the
+        // cache lines the first brought in.
+        for (s, half) in (0..supers).flat_map(|s| [(s, 0), (s, 1)]) {
+            let row0 = half * HALF;
+            let mut dots = [_mm256_setzero_si256(); R];
+            for sub in 0..SUPER_BLOCKS {
+                let b = s * SUPER_BLOCKS + sub;
+                if half == 0 {
+                    // Four blocks ahead, as `block_dots`.
+                    for line in 0..TILE_BLOCK / 2 / 64 {
+                        let ahead = w.values.as_ptr().wrapping_add((b + 4) * TILE_BLOCK / 2 + 64 * line);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                }
+                // Pair p of the block: 16 rows × 4 bytes, this half's 8 rows 32 bytes in.
+                let wb = w.values.as_ptr().add(b * TILE_BLOCK / 2 + row0 * 4);
+                let xb = x.values.as_ptr().add(b * R * BLOCK);
+                let mut pairs = [_mm256_setzero_si256(); R];
+                for p in 0..4 {
+                    let v = _mm256_loadu_si256(wb.add(p * TILE_ROWS * 4) as *const __m256i);
+                    let (lo, hi) = (
+                        _mm256_and_si256(v, nibble),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
+                    );
+                    for (r, sum) in pairs.iter_mut().enumerate() {
+                        let xg = xb.add(r * BLOCK + 8 * p);
+                        let x0 = _mm256_set1_epi32((xg as *const i32).read_unaligned());
+                        let x1 = _mm256_set1_epi32((xg.add(4) as *const i32).read_unaligned());
+                        let both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+                        *sum = _mm256_add_epi16(*sum, both);
+                    }
+                }
+                // Each row's scale in both 16-bit lanes of its pair sums.
+                let scale = _mm_loadl_epi64(w.scales.as_ptr().add(b * TILE_ROWS + row0) as *const __m128i);
+                let scale = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(scale, scale));
+                for (dot, sum) in dots.iter_mut().zip(pairs) {
+                    *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(sum, scale));
+                }
+            }
+            let at = s * 2 * TILE_ROWS + row0;
+            let (d, dmin) = (
+                _mm256_loadu_ps(w.d_dmin.as_ptr().add(at)),
+                _mm256_loadu_ps(w.d_dmin.as_ptr().add(at + TILE_ROWS)),
+            );
+            let min_pairs: [__m256i; SUPER_BLOCKS / 2] = std::array::from_fn(|p| {
+                let at = ((s * SUPER_BLOCKS / 2 + p) * TILE_ROWS + row0) * 2;
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(w.mins.as_ptr().add(at) as *const __m128i))
+            });
+            for (r, dot) in dots.into_iter().enumerate() {
+                let (dx, sums) = (
+                    _mm256_set1_ps(*x.scales.as_ptr().add(s * R + r)),
+                    x.sums.as_ptr().add((s * R + r) * SUPER_BLOCKS / 2),
+                );
+                let mut min_dot = _mm256_setzero_si256();
+                for (p, pair) in min_pairs.iter().enumerate() {
+                    min_dot = _mm256_add_epi32(min_dot, _mm256_madd_epi16(*pair, _mm256_set1_epi32(*sums.add(p))));
+                }
+                let out = y.add(r * stride + row0);
+                let sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, dx), _mm256_loadu_ps(out));
+                let sum = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(min_dot), _mm256_mul_ps(dmin, dx), sum);
+                _mm256_storeu_ps(out, sum);
             }
         }
     }
@@ -889,7 +1038,7 @@ mod tests {
     #[test]
     fn matches_candle_q8_0() -> candle_core::Result<()> {
         #[cfg(target_arch = "x86_64")]
-        let vnni = vnni::available();
+        let vnni = tiles::vnni();
         #[cfg(not(target_arch = "x86_64"))]
         let vnni = false;
         let layouts: &[bool] = if vnni { &[false, true] } else { &[false] };
@@ -954,7 +1103,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_block_quantizer_matches() {
-        if !vnni::available() {
+        if !tiles::vnni() {
             return;
         }
         let ties: Vec<f32> = (0..BLOCK)
@@ -966,7 +1115,7 @@ mod tests {
             let (mut want, mut got) = ([0i8; BLOCK], [0i8; BLOCK]);
             let scale = quantize_block(v, &mut want);
             // SAFETY: `available` checked the features.
-            let (stored, offset) = unsafe { vnni::quantize_block_avx512(v, &mut got) };
+            let (stored, offset) = unsafe { tiles::quantize_block_avx512(v, &mut got) };
             assert_eq!((got, stored), (want, scale));
             assert_eq!(offset, -128 * want.iter().map(|&q| q as i32).sum::<i32>());
         }
