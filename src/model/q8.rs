@@ -430,9 +430,14 @@ pub(super) mod tiles {
         /// `x Wᵀ`: [m, n] row-major for the `m` rows of `x` ([m, k]). Tasks own a few whole
         /// tiles and write their 16 columns of every output row.
         pub fn matmul_wt(&self, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+            self.matmul_wt_on(x, m, n, vnni())
+        }
+
+        /// [`Self::matmul_wt`] on the VNNI kernels, or with `vnni` false on the AVX2 one (Q8_0
+        /// tiles are packed only with VNNI; Q4_K tiles also without, see [`q4k`]): the tests
+        /// run both on a VNNI CPU.
+        pub(super) fn matmul_wt_on(&self, x: &[f32], m: usize, n: usize, vnni: bool) -> Vec<f32> {
             let blocks = self.k / BLOCK;
-            // Q8_0 tiles are packed only with VNNI; Q4_K tiles also without (`q4k`).
-            let vnni = vnni();
             // Groups of at most GROUP rows, as even as possible (16 rows: 8 + 8).
             let group = if vnni { GROUP } else { GROUP_AVX2 };
             let per_group = m.div_ceil(m.div_ceil(group));
@@ -1118,6 +1123,67 @@ mod tests {
             let (stored, offset) = unsafe { tiles::quantize_block_avx512(v, &mut got) };
             assert_eq!((got, stored), (want, scale));
             assert_eq!(offset, -128 * want.iter().map(|&q| q as i32).sum::<i32>());
+        }
+    }
+
+    /// Both Q4_K kernels (AVX2, and VNNI where the CPU has it) give `Σ_s dx_s · Σ_b (d ·
+    /// scale_b · Σ w·x − dmin · min_b · Σ x)` of the packed blocks and the Q8_K-quantized inputs,
+    /// in f64, for every group size of either: `q4k`'s tests compare the kernel this CPU runs
+    /// with candle, this one also the other.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q4k_kernels_match_their_definition() {
+        if !tiles::q4k() {
+            return;
+        }
+        const SUPER: usize = tiles::SUPER_BLOCKS * BLOCK;
+        let (n, k) = (32, 768);
+        let block = |j: usize, s: usize| tiles::Q4kBlock {
+            d: 0.01 + (j % 5) as f32 * 0.003,
+            dmin: 0.02 - (s % 3) as f32 * 0.004,
+            scales: std::array::from_fn(|b| ((j * 7 + s * 3 + b * 11) % 64) as u8),
+            mins: std::array::from_fn(|b| ((j * 5 + s + b * 13) % 64) as u8),
+            values: std::array::from_fn(|i| ((i * 7 + j * 3 + s) % 16) as u8),
+        };
+        let packed = tiles::Tiles::pack_q4k(n, k, block);
+        let kernels: &[bool] = if tiles::vnni() { &[false, true] } else { &[false] };
+        for m in [1, 2, 4, 5, 10, 12, 17] {
+            let (x, _) = inputs(m, k, 1);
+            for &vnni in kernels {
+                let got = packed.matmul_wt_on(&x, m, n, vnni);
+                for (i, row) in x.chunks_exact(k).enumerate() {
+                    for j in 0..n {
+                        let (mut want, mut size) = (0f64, 0f64);
+                        for (s, v) in row.chunks_exact(SUPER).enumerate() {
+                            let amax = amax(v);
+                            let (dx, id) = if amax == 0.0 {
+                                (0.0, 0.0)
+                            } else {
+                                (amax / 127.0, 127.0 / amax)
+                            };
+                            let mut q = [0i8; SUPER];
+                            for (v, q) in v.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)) {
+                                round_block(v, id, q);
+                            }
+                            let w = block(j, s);
+                            for (b, q) in q.chunks_exact(BLOCK).enumerate() {
+                                let values = &w.values[b * BLOCK..(b + 1) * BLOCK];
+                                let dot: i32 = values.iter().zip(q).map(|(&w, &x)| w as i32 * x as i32).sum();
+                                let sum: i32 = q.iter().map(|&x| x as i32).sum();
+                                let scaled = w.d as f64 * w.scales[b] as f64 * dot as f64;
+                                let min = w.dmin as f64 * w.mins[b] as f64 * sum as f64;
+                                want += dx as f64 * (scaled - min);
+                                size += (dx as f64 * scaled).abs() + (dx as f64 * min).abs();
+                            }
+                        }
+                        let got = got[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * size,
+                            "m{m} vnni {vnni} [{i},{j}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 
