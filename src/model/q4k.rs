@@ -7,7 +7,8 @@
 //! weight bytes over the memory bandwidth: Q4_K holds 4.5 bits a weight against Q8_0's 8.5, but
 //! candle 0.11's Q4_K matmul was compute-bound on a 2-core Xeon (13.8 frames/s against 11.6 for
 //! koe's Q8_0 tiles, which stream at the bandwidth there); on an AVX2-only Zen 4 (24 layers,
-//! `cargo bench --bench kernels`) the tiles took 0.66× its time at 1 row and 0.69× at 10.
+//! `cargo bench --bench kernels` at 6caecf0) the tiles took 0.49× its time at 1 row and 0.60×
+//! at 10.
 
 #[cfg(not(target_arch = "x86_64"))]
 pub use elsewhere::{available, Q4kWeight};

@@ -438,7 +438,7 @@ pub(super) mod tiles {
         /// run both on a VNNI CPU.
         pub(super) fn matmul_wt_on(&self, x: &[f32], m: usize, n: usize, vnni: bool) -> Vec<f32> {
             let blocks = self.k / BLOCK;
-            // Groups of at most GROUP rows, as even as possible (16 rows: 8 + 8).
+            // Groups of at most `group` rows, as even as possible (16 rows on VNNI: 8 + 8).
             let group = if vnni { GROUP } else { GROUP_AVX2 };
             let per_group = m.div_ceil(m.div_ceil(group));
             let format = match self.scales {
@@ -746,8 +746,8 @@ pub(super) mod tiles {
         (stored, -128 * sum)
     }
 
-    /// The scale `d` and its inverse `id` of 256 input values (`amax` their largest magnitude) in Q8_K, as candle's
-    /// `BlockQ8K::from_float` up to the sign: it takes `id = −127 / v_max` for the value of
+    /// The scale `d` and its inverse `id` of 256 input values (`amax` their largest magnitude)
+    /// in Q8_K, as candle's `BlockQ8K::from_float` up to the sign: it takes `id = −127 / v_max` for the value of
     /// largest magnitude and `d = 1 / id`, so its values are these (`round(v · 127 / |v|_max)`)
     /// times −sign(v_max), and its scale this one times −sign(v_max): the same products.
     fn q8k_scale(amax: f32) -> (f32, f32) {
