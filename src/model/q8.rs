@@ -310,7 +310,7 @@ pub(super) mod tiles {
     /// Input rows per pass over a tile: 12 accumulators of each kind fit AVX-512's 32 registers.
     const GROUP: usize = 12;
     /// The same for the AVX2 Q4_K kernel (four accumulators a row, in 16 registers and on the
-    /// stack): 3, 4 and 5 measured alike at 10 rows, 5 passes over a tile least.
+    /// stack): 3, 4 and 5 measured alike at 10 rows; 5 makes the fewest passes over a tile.
     const GROUP_AVX2: usize = 5;
     /// Weight rows of a tile per AVX2 vector of i32 sums: the kernel takes a tile in two halves.
     const HALF: usize = TILE_ROWS / 2;
@@ -748,9 +748,10 @@ pub(super) mod tiles {
     }
 
     /// The scale `d` and its inverse `id` of 256 input values (`amax` their largest magnitude)
-    /// in Q8_K, as candle's `BlockQ8K::from_float` up to the sign: it takes `id = −127 / v_max` for the value of
-    /// largest magnitude and `d = 1 / id`, so its values are these (`round(v · 127 / |v|_max)`)
-    /// times −sign(v_max), and its scale this one times −sign(v_max): the same products.
+    /// in Q8_K, as candle's `BlockQ8K::from_float` up to the sign: it takes `id = −127 / v_max`
+    /// for the value of largest magnitude and `d = 1 / id`, so its values are these
+    /// (`round(v · 127 / |v|_max)`) times −sign(v_max), and its scale this one times
+    /// −sign(v_max): the same products.
     fn q8k_scale(amax: f32) -> (f32, f32) {
         match amax {
             0.0 => (0.0, 0.0),
