@@ -16,8 +16,10 @@ use rayon::prelude::*;
 pub const PAGE: usize = 16;
 
 /// One page of one layer's host cache: the keys of [`PAGE`] positions of every key/value head,
-/// then their values (`[2][kv_heads][PAGE][head_dim]`).
-pub type Page = Box<[f32]>;
+/// then their values (`[2][kv_heads][PAGE][head_dim]`). Shared: the full pages of a voice's
+/// prompt prefix belong to every sequence started from it (`KvCache::copy_prefix`), and no
+/// sequence writes a page it shares (its appends land past the prefix).
+pub type Page = std::sync::Arc<[f32]>;
 
 /// Where `position`'s key and value for key/value head `head` sit in page `position / PAGE`.
 pub fn page_slot(kv_heads: usize, head_dim: usize, head: usize, position: usize) -> (usize, usize) {
@@ -73,8 +75,12 @@ pub fn attend(q: &[f32], seqs: &[CachedRows], shape: Heads, scale: f32) -> Vec<f
     }
     let mut out = vec![0f32; n * heads * hd];
     let out_ptr = SendPtr(out.as_mut_ptr());
+    // Head-major: a worker takes one key/value head of every sequence in turn, so the pages of
+    // a voice prefix that sequences share are read from memory once for all of them and then
+    // from its L2.
     (0..seqs.len() * kv_heads).into_par_iter().for_each(|task| {
-        let (s, g) = (&seqs[task / kv_heads], task % kv_heads);
+        let (seq, g) = (task % seqs.len(), task / seqs.len());
+        let s = &seqs[seq];
         let kv = KvHead {
             pages: s.pages,
             head: g,
@@ -86,7 +92,7 @@ pub fn attend(q: &[f32], seqs: &[CachedRows], shape: Heads, scale: f32) -> Vec<f
         let mut scores = vec![0f32; total * rep];
         let mut acc = vec![0f32; rep * hd];
         for t in 0..s.rows {
-            let r0 = first_row[task / kv_heads] + t;
+            let r0 = first_row[seq] + t;
             let queries = &q[(r0 * heads + g * rep) * hd..][..rep * hd];
             let seen = s.past + t + 1;
             #[cfg(target_arch = "x86_64")]
@@ -96,7 +102,7 @@ pub fn attend(q: &[f32], seqs: &[CachedRows], shape: Heads, scale: f32) -> Vec<f
             if !done {
                 attend_heads(queries, &kv, seen, scale, &mut scores, &mut acc);
             }
-            // SAFETY: task (s, g) alone writes heads g·rep..(g+1)·rep of its own rows.
+            // SAFETY: task (seq, g) alone writes heads g·rep..(g+1)·rep of its own rows.
             unsafe {
                 let dst = out_ptr.get().add((r0 * heads + g * rep) * hd);
                 std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, rep * hd);
@@ -325,7 +331,7 @@ mod tests {
                         page[value..value + hd].copy_from_slice(&v[from..from + hd]);
                     }
                 }
-                page.into_boxed_slice()
+                page.into()
             })
             .collect()
     }

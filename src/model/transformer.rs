@@ -126,7 +126,18 @@ impl LayerKv {
     /// A copy of the first `len` positions (on an accelerator in buffers of `capacity`).
     fn copy_prefix(&self, len: usize, capacity: usize) -> Result<Self> {
         let store = match &self.store {
-            KvStore::Host(pages) => KvStore::Host(pages[..len.div_ceil(PAGE)].to_vec()),
+            // Full pages are shared (never written again: appends land past `len`); a partly
+            // filled last page is copied, as its rest will be written.
+            KvStore::Host(pages) => KvStore::Host(
+                pages[..len.div_ceil(PAGE)]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, page)| match (i + 1) * PAGE <= len {
+                        true => page.clone(),
+                        false => Page::from(&page[..]),
+                    })
+                    .collect(),
+            ),
             KvStore::Device { k, v } => {
                 let copy = Self::new(self.kv_heads, self.head_dim, capacity, k.device(), k.dtype())?;
                 let KvStore::Device { k: ck, v: cv } = &copy.store else {
@@ -151,7 +162,7 @@ impl LayerKv {
         match &mut self.store {
             KvStore::Host(pages) => {
                 while pages.len() * PAGE < self.len + n {
-                    pages.push(vec![0.0; page_len].into_boxed_slice());
+                    pages.push(vec![0.0; page_len].into());
                 }
             }
             KvStore::Device { k, .. } => {
@@ -172,7 +183,8 @@ impl LayerKv {
             candle_core::bail!("host rows for a cache on an accelerator");
         };
         for t in 0..n {
-            let page = &mut pages[(len + t) / PAGE];
+            // Unshared (see `copy_prefix`), so this never copies.
+            let page = std::sync::Arc::make_mut(&mut pages[(len + t) / PAGE]);
             for g in 0..heads {
                 let from = (t * heads + g) * hd;
                 let (key, value) = page_slot(heads, hd, g, len + t);
@@ -250,13 +262,14 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Bytes held by the buffers (capacity, not length).
+    /// Bytes held by the buffers (capacity, not length), pages shared with other caches included.
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
     }
 
-    /// A copy of the first `len` positions with buffers of its own (a clone would share
-    /// accelerator buffers, and appends write in place).
+    /// A copy of the first `len` positions: on an accelerator in buffers of its own (a clone
+    /// would share buffers that appends write in place); on the host sharing the full pages,
+    /// which no cache writes again.
     pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {
         let capacity = len.max(64).next_power_of_two();
         let layers = self
@@ -766,6 +779,44 @@ mod tests {
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
         Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+    }
+
+    /// A prefix copy shares the prefix's full pages and copies the partly filled one; steps of
+    /// the copy and of the original then write only their own pages: the original's keys and
+    /// values stay as they were, and the copy's next step equals one over a fresh prefill.
+    #[test]
+    fn prefix_copies_share_full_pages_and_write_only_their_own() -> Result<()> {
+        let dec = decoder()?;
+        let rows = 2 * PAGE + 5;
+        let x = Tensor::randn(0f32, 1.0, (rows + 2, 64), &Device::Cpu)?;
+        let prefill = |cache: &mut KvCache| -> Result<()> {
+            let seq = &mut [SeqRows { rows, cache }];
+            dec.forward(&x.narrow(0, 0, rows)?, seq, false).map(|_| ())
+        };
+        let step = |cache: &mut KvCache, row: usize| -> Result<Tensor> {
+            let seq = &mut [SeqRows { rows: 1, cache }];
+            Ok(dec.forward(&x.narrow(0, row, 1)?, seq, false)?.hidden)
+        };
+        let mut original = KvCache::default();
+        prefill(&mut original)?;
+        let mut copy = original.copy_prefix(rows)?;
+        for (a, b) in original.layers.iter().zip(&copy.layers) {
+            let (a, b) = (a.host()?, b.host()?);
+            let shared: Vec<bool> = a.iter().zip(b).map(|(a, b)| std::sync::Arc::ptr_eq(a, b)).collect();
+            assert_eq!(shared, [true, true, false]);
+        }
+        let kept = original.layers[1].history()?;
+        step(&mut original, rows + 1)?;
+        let got = step(&mut copy, rows)?;
+        let now = original.layers[1].history()?;
+        for (kept, now) in [(&kept.0, &now.0), (&kept.1, &now.1)] {
+            let now = now.narrow(1, 0, rows)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(kept.flatten_all()?.to_vec1::<f32>()?, now);
+        }
+        let mut fresh = KvCache::default();
+        prefill(&mut fresh)?;
+        assert_eq!(max_rel_diff(&got, &step(&mut fresh, rows)?)?, 0.0);
+        Ok(())
     }
 
     /// A prompt longer than `PROJECTION_ROWS` takes the tensor path and fills the host cache;
