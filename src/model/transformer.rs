@@ -162,7 +162,8 @@ impl LayerKv {
         match &mut self.store {
             KvStore::Host(pages) => {
                 while pages.len() * PAGE < self.len + n {
-                    pages.push(vec![0.0; page_len].into());
+                    // Straight into the shared allocation (a Vec would be copied into it).
+                    pages.push(std::iter::repeat_n(0.0, page_len).collect());
                 }
             }
             KvStore::Device { k, .. } => {
