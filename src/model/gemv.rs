@@ -315,17 +315,27 @@ pub(crate) mod simd {
     }
 
     /// `out(r, c) = dot(x_r, w_c)` for `R` rows of `x` (from `x`, stride `k`) and `C` rows
-    /// of `w` (from `w`, stride `k`): `R·C` accumulators, `R + C` loads per `R·C` FMAs.
+    /// of `w` (from `w`, stride `k`): `R·C` accumulators, `R + C` loads per `R·C` FMAs. With
+    /// `prefetch`, each step also prefetches the same columns of the next `C` weight rows (the
+    /// next tile, which lies right after these rows; past the weight's end the hint is
+    /// harmless): with several input rows a tile's compute outlasts what the hardware prefetcher
+    /// fetches ahead.
     #[inline(always)]
     unsafe fn tile<V: Vector, W: Widen<V>, const R: usize, const C: usize>(
         x: *const f32,
         k: usize,
         w: *const W,
         out: Columns,
+        prefetch: bool,
     ) {
         let mut acc = [[V::zero(); C]; R];
         let mut t = 0;
         while t + V::LANES <= k {
+            if prefetch {
+                for c in 0..C {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * k + t) as *const i8);
+                }
+            }
             let mut wv = [V::zero(); C];
             for (c, v) in wv.iter_mut().enumerate() {
                 *v = W::widen(w.add(c * k + t));
@@ -348,6 +358,13 @@ pub(crate) mod simd {
             }
         }
     }
+
+    /// Input rows from which a wide tile prefetches the next one. f32 batch-10 steps of the
+    /// full-size checkpoint (bf16 weights, AVX-512, 2-core Zen 4), alternated step by step in
+    /// one process, 20 each: 353 → 289 ms a step; batch 4 247 → 184 ms; 24 full-size layers of
+    /// bf16 weights alone, min of 6: 10 rows 1.21–1.33× faster, 4 rows 1.33–1.41×. Below, one
+    /// and two rows stream at the memory's rate without it. Not measured on an AVX2-only CPU.
+    const PREFETCH_FROM: usize = 3;
 
     /// [`tile`]s over all `m` rows of `x` and the `n` rows of `w`: groups of up to
     /// `R` (≤ 6) input rows against groups of `C` weight rows (single rows for the remainder),
@@ -373,19 +390,22 @@ pub(crate) mod simd {
                     row_stride: out.row_stride,
                 };
                 let rows = (m - r0).min(R);
+                // The first pass over a tile's weights brings them in; later passes (more
+                // input rows) find them in L1.
+                let prefetch = full && r0 == 0 && m >= PREFETCH_FROM;
                 match (rows, full) {
-                    (6, true) => tile::<V, W, 6, C>(xr, k, wc, or),
-                    (5, true) => tile::<V, W, 5, C>(xr, k, wc, or),
-                    (6, false) => tile::<V, W, 6, 1>(xr, k, wc, or),
-                    (5, false) => tile::<V, W, 5, 1>(xr, k, wc, or),
-                    (4, true) => tile::<V, W, 4, C>(xr, k, wc, or),
-                    (3, true) => tile::<V, W, 3, C>(xr, k, wc, or),
-                    (2, true) => tile::<V, W, 2, C>(xr, k, wc, or),
-                    (1, true) => tile::<V, W, 1, C>(xr, k, wc, or),
-                    (4, false) => tile::<V, W, 4, 1>(xr, k, wc, or),
-                    (3, false) => tile::<V, W, 3, 1>(xr, k, wc, or),
-                    (2, false) => tile::<V, W, 2, 1>(xr, k, wc, or),
-                    _ => tile::<V, W, 1, 1>(xr, k, wc, or),
+                    (6, true) => tile::<V, W, 6, C>(xr, k, wc, or, prefetch),
+                    (5, true) => tile::<V, W, 5, C>(xr, k, wc, or, prefetch),
+                    (6, false) => tile::<V, W, 6, 1>(xr, k, wc, or, prefetch),
+                    (5, false) => tile::<V, W, 5, 1>(xr, k, wc, or, prefetch),
+                    (4, true) => tile::<V, W, 4, C>(xr, k, wc, or, prefetch),
+                    (3, true) => tile::<V, W, 3, C>(xr, k, wc, or, prefetch),
+                    (2, true) => tile::<V, W, 2, C>(xr, k, wc, or, prefetch),
+                    (1, true) => tile::<V, W, 1, C>(xr, k, wc, or, prefetch),
+                    (4, false) => tile::<V, W, 4, 1>(xr, k, wc, or, prefetch),
+                    (3, false) => tile::<V, W, 3, 1>(xr, k, wc, or, prefetch),
+                    (2, false) => tile::<V, W, 2, 1>(xr, k, wc, or, prefetch),
+                    _ => tile::<V, W, 1, 1>(xr, k, wc, or, prefetch),
                 }
                 r0 += rows;
             }
