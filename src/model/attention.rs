@@ -76,8 +76,8 @@ pub fn attend(q: &[f32], seqs: &[CachedRows], shape: Heads, scale: f32) -> Vec<f
     let mut out = vec![0f32; n * heads * hd];
     let out_ptr = SendPtr(out.as_mut_ptr());
     // Head-major: a worker takes one key/value head of every sequence in turn, so the pages of
-    // a voice prefix that sequences share are read from memory once for all of them and then
-    // from its L2.
+    // a voice prefix that sequences share can come from memory once for all of them and then
+    // from its L2 (with the bench's one shared page, within noise of sequence-major).
     (0..seqs.len() * kv_heads).into_par_iter().for_each(|task| {
         let (seq, g) = (task % seqs.len(), task / seqs.len());
         let s = &seqs[seq];

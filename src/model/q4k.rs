@@ -51,9 +51,9 @@ mod tiles {
             }
             // A tile's rows at a time, in parallel: rows quantize independently, and candle's
             // Q4_K quantizer (a search for each sub-block's scale and min) runs on one thread,
-            // which took a full-size q4_k load to 18 s on 2 cores.
-            // Each tile's rows get storage of their own: `QTensor::quantize` reads a view's
-            // storage from its start, whatever the view's offset.
+            // which took a full-size q4_k load to ~20 s on 2 cores (13 s now). Each tile's rows
+            // get storage of their own: `QTensor::quantize` reads a view's storage from its
+            // start, whatever the view's offset.
             let host = w.flatten_all()?.to_vec1::<f32>()?;
             let bytes = host
                 .par_chunks(tiles::TILE_ROWS * k)
