@@ -362,8 +362,9 @@ pub(crate) mod simd {
     /// Input rows from which a wide tile prefetches the next one. f32 batch-10 steps of the
     /// full-size checkpoint (bf16 weights, AVX-512, 2-core Zen 4), alternated step by step in
     /// one process, 20 each: 353 → 289 ms a step; batch 4 247 → 184 ms; 24 full-size layers of
-    /// bf16 weights alone, min of 6: 10 rows 1.21–1.33× faster, 4 rows 1.33–1.41×. Below, one
-    /// and two rows stream at the memory's rate without it. Not measured on an AVX2-only CPU.
+    /// bf16 weights alone, min of 6: 10 rows 1.21–1.33× faster, 4 rows 1.33–1.41×; the AVX2
+    /// tiles on the same CPU 1.44× and 1.55× (not measured on an AVX2-only CPU). Below, one and
+    /// two rows stream at the memory's rate without it.
     const PREFETCH_FROM: usize = 3;
 
     /// [`tile`]s over all `m` rows of `x` and the `n` rows of `w`: groups of up to
