@@ -52,13 +52,14 @@ mod tiles {
             // A tile's rows at a time, in parallel: rows quantize independently, and candle's
             // Q4_K quantizer (a search for each sub-block's scale and min) runs on one thread,
             // which took a full-size q4_k load to ~20 s on 2 cores (13 s now). Each tile's rows
-            // get storage of their own: `QTensor::quantize` reads a view's storage from its
-            // start, whatever the view's offset.
-            let host = w.flatten_all()?.to_vec1::<f32>()?;
-            let bytes = host
-                .par_chunks(tiles::TILE_ROWS * k)
-                .map(|rows| {
-                    let rows = Tensor::from_slice(rows, (tiles::TILE_ROWS, k), w.device())?;
+            // get storage of their own (`force_contiguous`): `QTensor::quantize` reads a view's
+            // storage from its start, whatever the view's offset.
+            let bytes = (0..n / tiles::TILE_ROWS)
+                .into_par_iter()
+                .map(|t| {
+                    let rows = w
+                        .narrow(0, t * tiles::TILE_ROWS, tiles::TILE_ROWS)?
+                        .force_contiguous()?;
                     Ok(QTensor::quantize(&rows, GgmlDType::Q4K)?.data()?.into_owned())
                 })
                 .collect::<Result<Vec<_>>>()?
