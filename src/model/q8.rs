@@ -339,7 +339,7 @@ pub(super) mod tiles {
     #[derive(Debug, Clone)]
     pub struct Tiles {
         pub k: usize,
-        values: Vec<u8>,
+        values: Lines,
         scales: TileScales,
     }
 
@@ -368,7 +368,7 @@ pub(super) mod tiles {
         pub(super) fn pack(rows: &Q8Rows, n: usize) -> Self {
             let k = rows.k;
             let blocks = k / BLOCK;
-            let mut values = vec![0u8; n * k];
+            let mut values = Lines::zeroed(n * k);
             let mut scales = vec![f16::ZERO; n * blocks];
             for j in 0..n {
                 let (tile, r) = (j / TILE_ROWS, j % TILE_ROWS);
@@ -395,7 +395,7 @@ pub(super) mod tiles {
         pub fn pack_q4k(n: usize, k: usize, block: impl Fn(usize, usize) -> Q4kBlock) -> Self {
             let blocks = k / BLOCK;
             let supers = blocks / SUPER_BLOCKS;
-            let mut values = vec![0u8; n * k / 2];
+            let mut values = Lines::zeroed(n * k / 2);
             let mut scales = vec![0u8; n * blocks];
             let mut mins = vec![0u8; n * blocks];
             let mut d_dmin = vec![0f32; n * supers * 2];
@@ -497,6 +497,39 @@ pub(super) mod tiles {
                     })
                 }
             }
+        }
+    }
+
+    /// Bytes in whole 64-byte cache lines from a line boundary, as the tiles' values: every
+    /// 64-byte load of the kernels then reads one line, where from a plain `Vec<u8>` (16 bytes
+    /// past a line from the allocator) it straddled two. Hand-written: a line type and a view
+    /// of it as bytes are all it takes.
+    #[derive(Debug, Clone)]
+    struct Lines(Vec<Line>);
+
+    #[derive(Debug, Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([u8; 64]);
+
+    impl Lines {
+        fn zeroed(bytes: usize) -> Self {
+            assert!(bytes.is_multiple_of(64), "whole lines");
+            Self(vec![Line([0; 64]); bytes / 64])
+        }
+    }
+
+    impl std::ops::Deref for Lines {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            // SAFETY: `Line` is 64 bytes without padding; the lines are contiguous.
+            unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 64) }
+        }
+    }
+
+    impl std::ops::DerefMut for Lines {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            // SAFETY: as `deref`, and every byte pattern is a valid `Line`.
+            unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u8, self.0.len() * 64) }
         }
     }
 
