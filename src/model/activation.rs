@@ -22,17 +22,88 @@ pub fn exp_in_place(v: &mut [f32]) {
 /// `out` ([N, width]); `silu(g) = g / (1 + exp(−g))` as candle computes it.
 pub fn silu_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
     assert_eq!(gate_up.len(), 2 * out.len(), "rows of gate and up");
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F was detected.
+        return unsafe { avx512::silu_mul(gate_up, width, out) };
+    }
     for (o, gu) in out.chunks_exact_mut(width).zip(gate_up.chunks_exact(2 * width)) {
         let (gate, up) = gu.split_at(width);
-        o.iter_mut().zip(gate).for_each(|(o, g)| *o = -g);
-        exp_in_place(o);
         for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + *o) * u;
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+/// Defines `pub fn $name` whose body runs compiled for AVX-512 F where the CPU has it: the
+/// crate is built for baseline x86-64, whose SSE2 code runs these per-row loops of a decode
+/// step 4 lanes wide. The same operations in the same order either way (no FMA contraction),
+/// so the results are bit-identical. On a 2-core Zen 4 (one process, alternated, min of 15):
+/// RMS norm of 10 rows of 1024 2.9 → 1.6–2.0 µs, RoPE of 24 heads 1.2–1.4× faster; with the
+/// one-pass [`silu_mul`] (10 rows of 3072: 14.6–16.2 → 9.4–10.2 µs) about 1 ms of a 89 ms
+/// batch-10 q4_k step, where SiLU took 2.3 ms and the norms 1.4 (Instant counters).
+macro_rules! avx512_twin {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn wide($($arg: $ty),*) {
+                portable($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512 F was detected.
+                return unsafe { wide($($arg),*) };
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
+avx512_twin! {
+    /// Normalizes each `weight`-wide row of `src` into `dst`, as candle's `rms_norm` on CPU
+    /// (`x / rms · weight`) but with the mean of squares summed in 16 lanes.
+    pub fn rms_norm(src: &[f32], weight: &[f32], eps: f32, dst: &mut [f32]) {
+        let dim = weight.len();
+        for (s, d) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
+            let m = (sum_of_squares(s) / dim as f32 + eps).sqrt();
+            for ((d, s), w) in d.iter_mut().zip(s).zip(weight) {
+                *d = *s / m * *w;
+            }
+        }
+    }
+}
+
+avx512_twin! {
+    /// `x += y`, element by element (the residual connections).
+    pub fn add_assign(x: &mut [f32], y: &[f32]) {
+        for (x, y) in x.iter_mut().zip(y) {
+            *x += y;
+        }
+    }
+}
+
+avx512_twin! {
+    /// candle's rotate-half RoPE (`rope`, non-interleaved) on each `2 · cos.len()`-wide head of
+    /// `heads` in place.
+    pub fn rope(heads: &mut [f32], cos: &[f32], sin: &[f32]) {
+        for head in heads.chunks_exact_mut(2 * cos.len()) {
+            let (x1, x2) = head.split_at_mut(cos.len());
+            for (((a, b), c), s) in x1.iter_mut().zip(x2).zip(cos).zip(sin) {
+                let (x1, x2) = (*a, *b);
+                *a = x1 * c - x2 * s;
+                *b = x1 * s + x2 * c;
+            }
         }
     }
 }
 
 /// `Σ v²` in 16 running sums (independent lanes vectorize; one chain would run serially).
+/// Inlined into [`rms_norm`]'s AVX-512 twin.
+#[inline(always)]
 pub fn sum_of_squares(v: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let chunks = v.chunks_exact(16);
@@ -60,6 +131,28 @@ mod avx512 {
             let mask = (1u16 << rest.len()) - 1;
             let x = _mm512_maskz_loadu_ps(mask, rest.as_ptr());
             _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, exp(x));
+        }
+    }
+
+    /// `silu_mul` in one pass 16 lanes wide: the same `exp` as [`exp_in_place`] and the same
+    /// division and product per value.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
+        let sign = _mm512_set1_epi32(i32::MIN);
+        for (o, gu) in out.chunks_exact_mut(width).zip(gate_up.chunks_exact(2 * width)) {
+            let (gate, up) = gu.split_at(width);
+            for j in (0..width).step_by(16) {
+                let mask = if width - j >= 16 {
+                    u16::MAX
+                } else {
+                    (1u16 << (width - j)) - 1
+                };
+                let g = _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(j));
+                let u = _mm512_maskz_loadu_ps(mask, up.as_ptr().add(j));
+                let minus_g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign));
+                let silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0), exp(minus_g)));
+                _mm512_mask_storeu_ps(o.as_mut_ptr().add(j), mask, _mm512_mul_ps(silu, u));
+            }
         }
     }
 

@@ -54,17 +54,9 @@ impl RmsNorm {
         })
     }
 
-    /// Normalizes each `weight`-wide row of `src` into `dst`, as candle's `rms_norm` on CPU
-    /// (`x / rms · weight`) but with the mean of squares summed in 16 lanes.
+    /// Normalizes each `weight`-wide row of `src` into `dst` ([`activation::rms_norm`]).
     fn forward_host(&self, src: &[f32], dst: &mut [f32]) {
-        let dim = self.host_weight.len();
-        for (s, d) in src.chunks_exact(dim).zip(dst.chunks_exact_mut(dim)) {
-            let sum2 = activation::sum_of_squares(s);
-            let m = (sum2 / dim as f32 + self.eps).sqrt();
-            for ((d, s), w) in d.iter_mut().zip(s).zip(&self.host_weight) {
-                *d = *s / m * *w;
-            }
-        }
+        activation::rms_norm(src, &self.host_weight, self.eps, dst)
     }
 }
 
@@ -507,9 +499,9 @@ impl Decoder {
         for (i, layer) in self.layers.iter().enumerate() {
             layer.input_layernorm.forward_host(&x, &mut normed);
             let attn = layer.self_attn.forward_host(&normed, n, (&cos, &sin), i, seqs)?;
-            add_assign(&mut x, &attn);
+            activation::add_assign(&mut x, &attn);
             layer.post_attention_layernorm.forward_host(&x, &mut normed);
-            add_assign(&mut x, &layer.mlp.forward_host(&normed, n)?);
+            activation::add_assign(&mut x, &layer.mlp.forward_host(&normed, n)?);
             if keep_layers {
                 layers.push(Tensor::from_slice(&x, (n, width), &Device::Cpu)?);
             }
@@ -519,13 +511,6 @@ impl Decoder {
             hidden: Tensor::from_vec(normed, (n, width), &Device::Cpu)?,
             layers,
         })
-    }
-}
-
-/// `x += y`, element by element (the residual connections).
-fn add_assign(x: &mut [f32], y: &[f32]) {
-    for (x, y) in x.iter_mut().zip(y) {
-        *x += y;
     }
 }
 
@@ -636,9 +621,8 @@ impl Attention {
             self.q_norm.forward_host(&row[..nh * hd], q_row);
             let k_row = &mut k[r * nkv * hd..(r + 1) * nkv * hd];
             self.k_norm.forward_host(&row[nh * hd..(nh + nkv) * hd], k_row);
-            for head in q_row.chunks_exact_mut(hd).chain(k_row.chunks_exact_mut(hd)) {
-                rope_host(head, cos, sin);
-            }
+            activation::rope(q_row, cos, sin);
+            activation::rope(k_row, cos, sin);
             v[r * nkv * hd..(r + 1) * nkv * hd].copy_from_slice(&row[(nh + nkv) * hd..]);
         }
         let cache = s.cache.layer(layer, nkv, hd, s.rows, (&Device::Cpu, DType::F32))?;
@@ -699,17 +683,6 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)
         }
-    }
-}
-
-/// candle's rotate-half RoPE (`rope`, non-interleaved) on one head in place.
-fn rope_host(head: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = head.len() / 2;
-    let (x1, x2) = head.split_at_mut(half);
-    for (((a, b), c), s) in x1.iter_mut().zip(x2).zip(cos).zip(sin) {
-        let (x1, x2) = (*a, *b);
-        *a = x1 * c - x2 * s;
-        *b = x1 * s + x2 * c;
     }
 }
 
