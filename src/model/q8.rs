@@ -907,9 +907,10 @@ pub(super) mod tiles {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn q4k_dot<const R: usize>(w: Q4kTile, blocks: usize, x: Group, y: *mut f32, stride: usize) {
         let supers = w.super_blocks(blocks, &x, R);
-        for r in 0..R {
-            _mm512_storeu_ps(y.add(r * stride), _mm512_setzero_ps());
-        }
+        // The rows' sums between super-blocks, side by side: in `y` itself, whose rows lie a
+        // multiple of 4 KiB apart for every projection of the model, the R rows share one L1
+        // set (8 ways) and each super-block's loads of them missed.
+        let mut sums = Sums([[0f32; TILE_ROWS]; GROUP]);
         for s in 0..supers {
             let d = _mm512_loadu_ps(w.d_dmin.as_ptr().add(s * 2 * TILE_ROWS));
             let dmin = _mm512_loadu_ps(w.d_dmin.as_ptr().add(s * 2 * TILE_ROWS + TILE_ROWS));
@@ -932,15 +933,15 @@ pub(super) mod tiles {
                 _mm512_cvtepu8_epi16(_mm256_loadu_si256(w.mins.as_ptr().add(at) as *const __m256i))
             });
             for (r, a) in acc.iter().enumerate() {
-                let (dx, sums) = (
+                let (dx, x_sums) = (
                     *x.scales.as_ptr().add(s * R + r),
                     x.sums.as_ptr().add((s * R + r) * SUPER_BLOCKS / 2),
                 );
                 let mut min_dot = _mm512_setzero_si512();
                 for (p, pair) in pairs.iter().enumerate() {
-                    min_dot = _mm512_dpwssd_epi32(min_dot, *pair, _mm512_set1_epi32(*sums.add(p)));
+                    min_dot = _mm512_dpwssd_epi32(min_dot, *pair, _mm512_set1_epi32(*x_sums.add(p)));
                 }
-                let out = y.add(r * stride);
+                let out = sums.0[r].as_mut_ptr();
                 let sum = _mm512_fmadd_ps(*a, _mm512_set1_ps(dx), _mm512_loadu_ps(out));
                 let sum = _mm512_fnmadd_ps(
                     _mm512_cvtepi32_ps(min_dot),
@@ -950,7 +951,14 @@ pub(super) mod tiles {
                 _mm512_storeu_ps(out, sum);
             }
         }
+        for (r, row) in sums.0[..R].iter().enumerate() {
+            _mm512_storeu_ps(y.add(r * stride), _mm512_loadu_ps(row.as_ptr()));
+        }
     }
+
+    /// A tile's output rows on one cache line each.
+    #[repr(align(64))]
+    struct Sums([[f32; TILE_ROWS]; GROUP]);
 
     /// [`q4k_dot_avx2`] for a group of `rows` (1..=[`GROUP_AVX2`]) input rows.
     #[target_feature(enable = "avx2,fma")]
