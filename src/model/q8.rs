@@ -909,7 +909,7 @@ pub(super) mod tiles {
         let supers = w.super_blocks(blocks, &x, R);
         // The rows' sums between super-blocks, side by side: in `y` itself, whose rows lie a
         // multiple of 4 KiB apart for every projection of the model, the R rows share one L1
-        // set (8 ways) and each super-block's loads of them missed.
+        // set, and past its 8 ways (a batch of 10) each super-block's loads of them missed.
         let mut sums = Sums([[0f32; TILE_ROWS]; GROUP]);
         for s in 0..supers {
             let d = _mm512_loadu_ps(w.d_dmin.as_ptr().add(s * 2 * TILE_ROWS));
