@@ -1,5 +1,5 @@
 //! Element-wise math of a decode step on host rows: `exp` 16 lanes wide, the gated MLP's
-//! `silu(gate) · up`, and the sum of squares of an RMS norm.
+//! `silu(gate) · up`, RMS norm, RoPE and the residual adds (on AVX-512 where present).
 //!
 //! Hand-written because candle (and `f32::exp`) computes `exp` one value at a time through libm:
 //! a batch-10 step takes ~3.5 M of them (SiLU and the attention softmax), ~2.5 % of the step
