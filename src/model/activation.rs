@@ -1,5 +1,5 @@
 //! Element-wise math of a decode step on host rows: `exp` 16 lanes wide, the gated MLP's
-//! `silu(gate) · up`, RMS norm, RoPE and the residual adds (on AVX-512 where present).
+//! `silu(gate) · up`, RMS norm, RoPE and the residual adds (AVX-512 or AVX2 where present).
 //!
 //! Hand-written because candle (and `f32::exp`) computes `exp` one value at a time through libm:
 //! a batch-10 step takes ~3.5 M of them (SiLU and the attention softmax), ~2.5 % of the step
@@ -35,35 +35,13 @@ pub fn silu_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
     }
 }
 
-/// Defines `pub fn $name` whose body runs compiled for AVX-512 F where the CPU has it: the
-/// crate is built for baseline x86-64, whose SSE2 code runs these per-row loops of a decode
-/// step 4 lanes wide. The same operations in the same order either way (no FMA contraction),
-/// so the results are bit-identical. On a 2-core Zen 4 (one process, alternated, min of 15):
-/// RMS norm of 10 rows of 1024 2.9 → 1.6–2.0 µs, RoPE of 24 heads 1.2–1.4× faster; with the
-/// one-pass [`silu_mul`] (10 rows of 3072: 14.6–16.2 → 9.4–10.2 µs) about 1 ms of a 89 ms
-/// batch-10 q4_k step, where SiLU took 2.3 ms and the norms 1.4 (Instant counters).
-macro_rules! avx512_twin {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn portable($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f")]
-            unsafe fn wide($($arg: $ty),*) {
-                portable($($arg),*)
-            }
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: AVX-512 F was detected.
-                return unsafe { wide($($arg),*) };
-            }
-            portable($($arg),*)
-        }
-    };
-}
+// RMS norm, residual adds and RoPE as `simd_twins`. On a 2-core Zen 4 (one process, alternated,
+// min of 15), against their SSE2 code: RMS norm of 10 rows of 1024 2.9 → 1.6–2.0 µs, RoPE of 24
+// heads 1.2–1.4× faster; with the one-pass [`silu_mul`] (10 rows of 3072: 14.6–16.2 → 9.4–10.2
+// µs) about 1 ms of a 89 ms batch-10 q4_k step, where SiLU took 2.3 ms and the norms 1.4
+// (Instant counters).
 
-avx512_twin! {
+simd_twins! {
     /// Normalizes each `weight`-wide row of `src` into `dst`, as candle's `rms_norm` on CPU
     /// (`x / rms · weight`) but with the mean of squares summed in 16 lanes.
     pub fn rms_norm(src: &[f32], weight: &[f32], eps: f32, dst: &mut [f32]) {
@@ -77,7 +55,7 @@ avx512_twin! {
     }
 }
 
-avx512_twin! {
+simd_twins! {
     /// `x += y`, element by element (the residual connections).
     pub fn add_assign(x: &mut [f32], y: &[f32]) {
         for (x, y) in x.iter_mut().zip(y) {
@@ -86,7 +64,7 @@ avx512_twin! {
     }
 }
 
-avx512_twin! {
+simd_twins! {
     /// candle's rotate-half RoPE (`rope`, non-interleaved) on each `2 · cos.len()`-wide head of
     /// `heads` in place.
     pub fn rope(heads: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -102,7 +80,7 @@ avx512_twin! {
 }
 
 /// `Σ v²` in 16 running sums (independent lanes vectorize; one chain would run serially).
-/// Inlined into [`rms_norm`]'s AVX-512 twin.
+/// Inlined into [`rms_norm`]'s SIMD twins.
 #[inline(always)]
 pub fn sum_of_squares(v: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];

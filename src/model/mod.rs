@@ -1,4 +1,41 @@
 //! Qwen3-TTS-12Hz in candle.
+
+/// Defines `fn $name` whose body is compiled three times, for AVX-512 F, for AVX2 and for
+/// baseline x86-64, the widest the CPU has chosen at run time: the crate builds for baseline
+/// x86-64, whose SSE2 code runs element-wise row loops 4 lanes wide. The same operations in the
+/// same order in each (no FMA contraction), so the results are bit-identical.
+macro_rules! simd_twins {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) {
+                portable($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2($($arg: $ty),*) {
+                portable($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512 F was detected.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 was detected.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
 pub mod activation;
 pub mod attention;
 pub mod code_predictor;

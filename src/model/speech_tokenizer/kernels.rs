@@ -44,39 +44,13 @@ fn sin_sq(x: f32) -> f32 {
     s * s
 }
 
-/// `out[t] = x[t] + inv_beta · sin²(alpha · x[t])`
-#[inline(always)]
-fn snake_row_generic(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = v + inv_beta * sin_sq(alpha * v);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn snake_row_avx512(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
-    snake_row_generic(x, out, alpha, inv_beta)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn snake_row_avx2(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
-    snake_row_generic(x, out, alpha, inv_beta)
-}
-
-fn snake_row(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was just detected.
-            return unsafe { snake_row_avx512(x, out, alpha, inv_beta) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature was just detected.
-            return unsafe { snake_row_avx2(x, out, alpha, inv_beta) };
+simd_twins! {
+    /// `out[t] = x[t] + inv_beta · sin²(alpha · x[t])`
+    fn snake_row(x: &[f32], out: &mut [f32], alpha: f32, inv_beta: f32) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v + inv_beta * sin_sq(alpha * v);
         }
     }
-    snake_row_generic(x, out, alpha, inv_beta)
 }
 
 /// SnakeBeta of `x` [C, t] into `out`, whose rows are `out_stride` long with the result in
