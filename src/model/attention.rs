@@ -213,12 +213,12 @@ mod simd {
         true
     }
 
-    /// Positions ahead whose keys the key pass prefetches. With that, the values are
-    /// prefetched during the key pass, and both into L2 (`T2`): 10 sequences by 28 layers of the
-    /// release's shape, 2-core Zen 4, alternated 10×: 80 positions min 7.7–8.3 ms against
-    /// 10.4–10.5 without any prefetch, 500 positions 44.6–50.7 against 63.9–64.6. Into L1
-    /// (`T0`) it gained nothing (10.5–11.5 and 65–67 ms), and keys ahead without the values
-    /// little.
+    /// Positions ahead whose keys the key pass prefetches; each position's value is prefetched
+    /// as its key is read, both into L2 (`T2`). 10 sequences by 28 layers of the release's
+    /// shape, 2-core Zen 4, variants alternated 10× in one process, min of two rounds: 80
+    /// positions 7.7 and 7.8 ms against 10.5 and 10.4 without prefetching, 500 positions 45.1
+    /// and 48.5 against 64.6 and 63.9. Into L1 (`T0`) no gain (11.5 and 65–67 ms), and keys
+    /// ahead without the values little.
     const AHEAD: usize = 8;
 
     /// Prefetches a key or value row into L2.
