@@ -258,9 +258,10 @@ mod simd {
                 if u + AHEAD < seen {
                     prefetch_l2(kv.at(u + AHEAD).0);
                 }
-                prefetch_l2(kv.at(u).1);
                 // `at` checks the bounds: the loads below read its `hd` values.
-                let key = kv.at(u).0.as_ptr();
+                let (key, value) = kv.at(u);
+                prefetch_l2(value);
+                let key = key.as_ptr();
                 let k: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(key.add(16 * v)));
                 for (h, q) in q.iter().enumerate() {
                     let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
