@@ -1,5 +1,5 @@
 //! Parity with the official implementation (qwen-tts 0.1.1) on every fixture directory:
-//! the committed `tests/fixtures/tiny-seed0` plus each directory in `KOE_PARITY_DIRS`.
+//! the committed `tests/fixtures/*` plus each directory in `KOE_PARITY_DIRS`.
 //! Prints one line per fixture, case and tensor (relative L2 error, max abs error, bound).
 
 mod parity {

@@ -198,9 +198,15 @@ impl Fixture {
     }
 }
 
-/// The committed fixture plus every directory in `KOE_PARITY_DIRS` (`:`-separated).
+/// The committed fixtures (`tests/fixtures/*`, `tiny-seed0` first: the copy of the kit's own)
+/// plus every directory in `KOE_PARITY_DIRS` (`:`-separated).
 pub fn fixture_dirs() -> Vec<PathBuf> {
-    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-seed0")];
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&committed)
+        .expect("tests/fixtures")
+        .map(|entry| entry.expect("a fixture directory").path())
+        .collect();
+    dirs.sort_by_key(|d| (!d.ends_with("tiny-seed0"), d.clone()));
     if let Ok(extra) = std::env::var("KOE_PARITY_DIRS") {
         dirs.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
     }
