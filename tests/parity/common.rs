@@ -204,7 +204,8 @@ pub fn fixture_dirs() -> Vec<PathBuf> {
     let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&committed)
         .expect("tests/fixtures")
-        .map(|entry| entry.expect("a fixture directory").path())
+        .map(|entry| entry.expect("an entry of tests/fixtures").path())
+        .filter(|path| path.is_dir())
         .collect();
     dirs.sort_by_key(|d| (!d.ends_with("tiny-seed0"), d.clone()));
     if let Ok(extra) = std::env::var("KOE_PARITY_DIRS") {
