@@ -14,7 +14,8 @@ pub enum Tol {
     Mel,
     /// `spk.*`, `enc.*`.
     Encoder,
-    /// `prefill_embeds`, `trailing_text`, `step_embeds`, `tts_pad_embed`, `cp_prefill_embeds`.
+    /// `prefill_embeds`, `trailing_text`, `step_embeds`, `tts_pad_embed`, `cp_prefill_embeds`
+    /// row 1 (the embedding of code 0; its row 0 is a talker hidden state).
     Prompt,
     /// `*_layers`, `*_hidden`, `*logits*`.
     Talker,

@@ -125,7 +125,19 @@ fn check_case(fx: &Fixture, model: &TtsModel, case: &str) {
         0,
     )
     .unwrap();
-    fx.compare(&p("cp_prefill_embeds"), &cp_in, Tol::Prompt);
+    // Row 0 is the talker's final hidden state (`prefill_hidden` again), row 1 the embedding of
+    // code 0: each is held to the bound of what it is. Against the prompt bound as one tensor,
+    // row 0 failed on a full-size fixture (`--preset full --seed 4`: 1.1e-6–1.3e-6 in the
+    // x-vector cases, as `prefill_hidden` there, all codes identical): 28 layers' f32 rounding.
+    let cp_ref = fx.tensor(&p("cp_prefill_embeds"));
+    for (row, tol) in [(0, Tol::Talker), (1, Tol::Prompt)] {
+        fx.compare_to(
+            &format!("{}[{row}]", p("cp_prefill_embeds")),
+            &cp_in.get(row).unwrap(),
+            &cp_ref.get(row).unwrap(),
+            tol,
+        );
+    }
     let mut cache = KvCache::default();
     let cp_out = model
         .code_predictor
