@@ -64,6 +64,14 @@ pub fn check(fx: &Fixture) {
     }
     fx.compare("decoder.short.whole", &short, Tol::Wave);
 
+    // The package's own chunking (left context 25), which is an approximation of the whole.
+    for chunk in [1, 4] {
+        let name = format!("decoder.chunked{chunk}");
+        if fx.has(&name) {
+            fx.compare(&name, &package_chunked_decode(&decoder, &codes, chunk), Tol::Wave);
+        }
+    }
+
     // Streaming: any chunking gives the whole decode.
     let irregular = [1, 3, 2, 5, 1, 1, 7, 4];
     for (label, pattern) in [
@@ -139,6 +147,33 @@ pub fn check(fx: &Fixture) {
         let ours = Tensor::cat(rows_pcm, 0).unwrap();
         fx.compare_to(&format!("stream.batch.row{r}"), &ours, &reference, Tol::Wave);
     }
+}
+
+/// Frames of left context in the package's `chunked_decode`.
+const PACKAGE_LEFT_CONTEXT: usize = 25;
+
+/// The package's `chunked_decode(codes, chunk, 25)` on koe's decoder: every `chunk` new frames
+/// decoded afresh with up to 25 frames before them, whose samples are dropped. Its `decode`
+/// does this with 300-frame chunks, so past 300 frames the package's audio is this
+/// approximation; koe's streaming decoder stays equal to the whole decode (PORTING-NOTES).
+pub fn package_chunked_decode(decoder: &SpeechDecoder, codes: &Tensor, chunk: usize) -> Tensor {
+    let (frames, spf) = (codes.dim(0).unwrap(), decoder.samples_per_frame());
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < frames {
+        let end = (start + chunk).min(frames);
+        // As the package: the full context only once `start` exceeds it.
+        let context = if start > PACKAGE_LEFT_CONTEXT {
+            PACKAGE_LEFT_CONTEXT
+        } else {
+            start
+        };
+        let window = codes.narrow(0, start - context, end - start + context).unwrap();
+        let pcm = decoder.decode(&window).unwrap();
+        parts.push(pcm.narrow(0, context * spf, (end - start) * spf).unwrap());
+        start = end;
+    }
+    Tensor::cat(&parts, 0).unwrap()
 }
 
 /// Feeds `codes[start..]` in chunks cycling through `pattern`; returns the concatenated samples.

@@ -2,11 +2,15 @@
 //! speech encoder, talker, code predictor and streaming decoder, greedy.
 
 use super::common::{Fixture, Tol};
-use candle_core::{Device, Tensor};
+use super::decoder::package_chunked_decode;
+use candle_core::{DType, Device, Tensor};
 use koe::model::engine::GenerationParams;
 use koe::model::linear::WeightFormat;
 use koe::model::prompt::TextMode;
 use koe::synth::{package_icl_cut, Synthesizer};
+
+/// Frames per call of the package's `decode` (`chunked_decode(codes, 300, 25)`).
+const PACKAGE_DECODE_CHUNK: usize = 300;
 
 pub fn check(fx: &Fixture) {
     let synth = Synthesizer::load(&fx.checkpoint(), &Device::Cpu, WeightFormat::Dense).expect("load pipeline");
@@ -40,13 +44,49 @@ pub fn check(fx: &Fixture) {
         }
         // The package cuts the jointly decoded reference + generated waveform in floating point;
         // where that leaves the reference's last sample, so must we.
-        let ref_frames = voice.ref_frames();
-        if icl && package_icl_cut(ref_frames, utt.frames.len(), spf) + 1 == ref_frames * spf {
+        let (ref_frames, frames) = (voice.ref_frames(), utt.frames.len());
+        let cut = if icl {
+            package_icl_cut(ref_frames, frames, spf)
+        } else {
+            0
+        };
+        if icl && cut + 1 == ref_frames * spf {
             pcm.insert(0, voice.ref_tail_sample);
         }
-        fx.compare(
-            &format!("{case}.wav"),
-            &Tensor::new(pcm.as_slice(), &Device::Cpu).unwrap(),
+        let pcm = Tensor::new(pcm.as_slice(), &Device::Cpu).unwrap();
+        let label = format!("{case}.wav");
+        if ref_frames * usize::from(icl) + frames <= PACKAGE_DECODE_CHUNK {
+            fx.compare(&label, &pcm, Tol::Wave);
+            continue;
+        }
+        // Past 300 frames the package's audio is its chunked approximation: compare that with
+        // the package's chunking of our codes, and our streamed audio with our whole decode.
+        let generated: Vec<u32> = utt.frames.iter().flatten().copied().collect();
+        let generated = Tensor::from_vec(generated, (frames, utt.frames[0].len()), &Device::Cpu).unwrap();
+        let codes = match (&voice.prompt.icl, icl) {
+            (Some(reference), true) => {
+                Tensor::cat(&[&reference.codes.to_dtype(DType::U32).unwrap(), &generated], 0).unwrap()
+            }
+            _ => generated,
+        };
+        let tail = |wav: Tensor| wav.narrow(0, cut, wav.dim(0).unwrap() - cut).unwrap();
+        let chunked = tail(package_chunked_decode(
+            &synth.speech_decoder,
+            &codes,
+            PACKAGE_DECODE_CHUNK,
+        ));
+        let package = fx.tensor(&label);
+        fx.compare_to(
+            &format!("{label} (package chunking of our codes)"),
+            &chunked,
+            &package,
+            Tol::Wave,
+        );
+        let whole = tail(synth.speech_decoder.decode(&codes).unwrap());
+        fx.compare_to(
+            &format!("{label} (ours, streamed) vs our whole decode"),
+            &pcm,
+            &whole,
             Tol::Wave,
         );
     }
