@@ -25,5 +25,45 @@ pub fn check(fx: &Fixture) {
         .unwrap()
         .to_vec1::<i64>()
         .unwrap();
-    fx.compare_ints("ref.codes", &codes, &fx.ints("ref.codes"));
+    let margins = stages.margins.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    compare_codes(fx, &codes, &margins, stages.codes.dim(1).unwrap());
+}
+
+/// Distance gap under which a nearest-codeword choice is a float tie: the quantizer input
+/// carries ~1e-6 of f32 error (`enc.downsample`), which moves distances of ~10–50 by ~1e-5.
+const RVQ_TIE: f32 = 1e-4;
+
+/// `ref.codes` identical, except where a frame's codes part at a float tie: from the first
+/// differing codebook of a frame on, the residual differs, so the rest of that frame is not
+/// compared. Such frames are reported, and the end-to-end check then takes the fixture's codes.
+fn compare_codes(fx: &Fixture, ours: &[i64], margins: &[f32], kept: usize) {
+    let reference = fx.ints("ref.codes");
+    let mut ties = Vec::new();
+    let same = ours.len() == reference.len()
+        && ours
+            .chunks(kept)
+            .zip(reference.chunks(kept))
+            .enumerate()
+            .all(|(frame, (a, b))| match a.iter().zip(b).position(|(x, y)| x != y) {
+                None => true,
+                Some(c) if margins[frame * kept + c] < RVQ_TIE => {
+                    ties.push(format!(
+                        "frame {frame} codebook {c} (margin {:.2e})",
+                        margins[frame * kept + c]
+                    ));
+                    true
+                }
+                Some(_) => false,
+            });
+    if same && !ties.is_empty() {
+        println!(
+            "{:<14} {:<34} {} integers  identical but for float ties at {}",
+            fx.name,
+            "ref.codes",
+            reference.len(),
+            ties.join(", ")
+        );
+    } else {
+        fx.compare_ints("ref.codes", ours, &reference);
+    }
 }

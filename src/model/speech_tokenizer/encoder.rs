@@ -246,6 +246,10 @@ pub struct EncoderStages {
     pub downsample: Tensor,
     /// Codes [frames, encoder_valid_num_quantizers], u32, frames = ceil(samples / encode_downsample_rate).
     pub codes: Tensor,
+    /// Per code [frames, kept], f32: how much farther the second-nearest codeword lay than the
+    /// chosen one. Where that is a few ulps of the distance, the choice is a float tie that
+    /// the reference's own rounding may resolve the other way.
+    pub margins: Tensor,
 }
 
 pub struct SpeechEncoder {
@@ -311,7 +315,7 @@ impl SpeechEncoder {
         let seanet = self.seanet.forward(samples, &self.device)?.to_dtype(self.dtype)?;
         let transformer = self.transformer.forward(&seanet.transpose(1, 2)?)?;
         let downsample = self.downsample.forward(&transformer.transpose(1, 2)?.contiguous()?)?;
-        let codes = self.quantizer.encode(&downsample.squeeze(0)?)?;
+        let (codes, margins) = self.quantizer.encode(&downsample.squeeze(0)?)?;
         // The wrapper keeps ceil(valid samples / encode_downsample_rate) frames.
         let frames = samples.len().div_ceil(self.samples_per_frame).min(codes.dim(0)?);
         Ok(EncoderStages {
@@ -319,6 +323,7 @@ impl SpeechEncoder {
             transformer: transformer.squeeze(0)?,
             downsample: downsample.squeeze(0)?,
             codes: codes.narrow(0, 0, frames)?,
+            margins: margins.narrow(0, 0, frames)?,
         })
     }
 }
@@ -498,11 +503,13 @@ impl SplitQuantizer {
         })
     }
 
-    /// [hidden, T] → codes [T, kept] (u32).
-    fn encode(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut codes = self.semantic.encode(xs)?;
-        codes.extend(self.acoustic.encode(xs)?);
-        Tensor::stack(&codes, 1)
+    /// [hidden, T] → codes [T, kept] (u32) and their margins [T, kept] (f32).
+    fn encode(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (mut codes, mut margins) = self.semantic.encode(xs)?;
+        let (acoustic_codes, acoustic_margins) = self.acoustic.encode(xs)?;
+        codes.extend(acoustic_codes);
+        margins.extend(acoustic_margins);
+        Ok((Tensor::stack(&codes, 1)?, Tensor::stack(&margins, 1)?))
     }
 }
 
@@ -529,20 +536,21 @@ impl ResidualQuantizer {
         Ok(Self { input_proj, codebooks })
     }
 
-    /// [hidden, T] → one u32 [T] per codebook.
-    fn encode(&self, xs: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    /// [hidden, T] → per codebook, the codes (u32 [T]) and their margins (f32 [T]).
+    fn encode(&self, xs: &Tensor) -> candle_core::Result<(Vec<Tensor>, Vec<Tensor>)> {
         let mut residual = xs
             .t()?
             .apply(&self.input_proj.as_ref())?
             .to_dtype(DType::F32)?
             .contiguous()?;
-        let mut codes = Vec::with_capacity(self.codebooks.len());
+        let (mut codes, mut margins) = (Vec::new(), Vec::new());
         for codebook in &self.codebooks {
-            let indices = codebook.nearest(&residual)?;
+            let (indices, margin) = codebook.nearest(&residual)?;
             residual = (residual - codebook.embed.index_select(&indices, 0)?)?;
             codes.push(indices);
+            margins.push(margin);
         }
-        Ok(codes)
+        Ok((codes, margins))
     }
 }
 
@@ -568,16 +576,20 @@ impl Codebook {
         Ok(Self { embed, augmented_t })
     }
 
-    /// Index of the nearest codeword for each row of `xs` [N, dim] (f32), first on ties.
-    fn nearest(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// Index of the nearest codeword for each row of `xs` [N, dim] (f32), first on ties, and
+    /// the second-nearest distance minus the nearest (f32 [N]).
+    fn nearest(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let norms = xs.sqr()?.sum_keepdim(1)?;
         let ones = norms.ones_like()?;
         let augmented = Tensor::cat(&[&(xs * -2.0)?, &norms, &ones], 1)?;
-        augmented
-            .matmul(&self.augmented_t)?
-            .maximum(0f32)?
-            .sqrt()?
-            .argmin(D::Minus1)
+        let distances = augmented.matmul(&self.augmented_t)?.maximum(0f32)?.sqrt()?;
+        let (sorted, _) = distances.sort_last_dim(true)?;
+        let margins = match sorted.dim(1)? {
+            // One codeword: no choice to make.
+            1 => Tensor::full(f32::INFINITY, sorted.dim(0)?, sorted.device())?,
+            _ => (sorted.narrow(1, 1, 1)? - sorted.narrow(1, 0, 1)?)?.squeeze(1)?,
+        };
+        Ok((distances.argmin(D::Minus1)?, margins))
     }
 }
 
