@@ -583,13 +583,17 @@ impl Codebook {
         let ones = norms.ones_like()?;
         let augmented = Tensor::cat(&[&(xs * -2.0)?, &norms, &ones], 1)?;
         let distances = augmented.matmul(&self.augmented_t)?.maximum(0f32)?.sqrt()?;
-        let (sorted, _) = distances.sort_last_dim(true)?;
-        let margins = match sorted.dim(1)? {
-            // One codeword: no choice to make.
-            1 => Tensor::full(f32::INFINITY, sorted.dim(0)?, sorted.device())?,
-            _ => (sorted.narrow(1, 1, 1)? - sorted.narrow(1, 0, 1)?)?.squeeze(1)?,
-        };
-        Ok((distances.argmin(D::Minus1)?, margins))
+        let nearest = distances.argmin_keepdim(D::Minus1)?;
+        // The second nearest is the nearest of the others (an exact tie gives 0, a single
+        // codeword infinity): three element-wise passes, where sorting each row cost ~15×
+        // the argmin (155 ms for a 30 s reference).
+        let device = distances.device();
+        let columns = Tensor::arange(0u32, distances.dim(1)? as u32, device)?.unsqueeze(0)?;
+        let others = columns
+            .broadcast_eq(&nearest)?
+            .where_cond(&Tensor::full(f32::INFINITY, distances.shape(), device)?, &distances)?;
+        let margins = (others.min_keepdim(D::Minus1)? - distances.gather(&nearest, 1)?)?;
+        Ok((nearest.squeeze(1)?, margins.squeeze(1)?))
     }
 }
 
