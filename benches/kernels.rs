@@ -5,7 +5,10 @@
 //! `gemv::PROJECTION_ROWS`; then Q8_0: candle's `QMatMul` against koe's AVX2 kernel
 //! (`model::q8`: AVX-512 VNNI tiles where the CPU has them, else AVX2) at 1, 10 and 48 rows;
 //! where the CPU has AVX-512 VNNI or AVX2, Q4_K: candle's `QMatMul` against koe's tiles (`model::q4k`),
-//! beside koe's Q8_0 (min of alternated repetitions).
+//! beside koe's Q8_0 (min of alternated repetitions); last, this CPU's roofline for a batched
+//! Q4_K step: the `vpdpbusd` peak on one and on every thread and the memory read rate, against
+//! what koe's Q4_K tiles reach at 1 row (weight bytes a second) and at 10 rows (multiply-adds a
+//! second).
 //!
 //! cargo bench --bench kernels
 
@@ -14,6 +17,7 @@ use candle_core::{Device, Module, Tensor};
 use koe::model::gemv::{matmul_wt, matmul_wt_widened};
 use koe::model::q4k::{self, Q4kWeight};
 use koe::model::q8::Q8Weight;
+use rayon::prelude::*;
 use std::time::Instant;
 
 /// `x Wᵀ` from `(x, m, k, w, n)`: the two bf16 paths of the prefill table.
@@ -195,6 +199,7 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("| rows | candle Q4_K | koe Q4_K | koe Q8_0 | candle ÷ koe Q4_K | Q8_0 ÷ Q4_K |");
     println!("|---|---|---|---|---|---|");
+    let mut koe_q4k_ms = Vec::new();
     for rows in [1usize, 2, 10, 48] {
         let (xs, xh) = inputs(&shapes, rows)?;
         let mut best = [f64::INFINITY; 3];
@@ -221,11 +226,116 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let [candle, ours, q8] = best;
+        koe_q4k_ms.push((rows, ours));
         println!(
             "| {rows} | {candle:.1} ms | {ours:.1} ms | {q8:.1} ms | {:.2}× | {:.2}× |",
             candle / ours,
             q8 / ours
         );
     }
+    let koe_ms = |rows| {
+        koe_q4k_ms
+            .iter()
+            .find(|&&(r, _)| r == rows)
+            .map(|&(_, t)| t)
+            .expect("timed")
+    };
+    let values: usize = shapes.iter().map(|&(o, i)| o * i).sum::<usize>() * layers;
+    roofline(values, koe_ms(1), koe_ms(10));
     Ok(())
+}
+
+/// A batched Q4_K decode step's two bounds on this CPU, measured, beside koe's tiles: one row
+/// streams the weights (4.5 bits each: 144 bytes a 256-value super-block), so its ceiling is
+/// the memory read rate; ten rows multiply-add every weight ten times on `vpdpbusd`, so theirs
+/// is the instruction's peak. `values`: weights in the timed layers; `ms1`, `ms10`: koe's time
+/// over them at 1 and 10 rows.
+fn roofline(values: usize, ms1: f64, ms10: f64) {
+    let threads = rayon::current_num_threads();
+    let bytes = (values / 256 * 144) as f64;
+    let read = read_rate();
+    println!();
+    println!("Roofline ({threads} threads):");
+    println!(
+        "- 1 row: koe streams {:.1} GB/s of Q4_K weights; reading memory runs at {read:.1} GB/s ({:.0} %)",
+        bytes / ms1 / 1e6,
+        100.0 * bytes / ms1 / 1e6 / read
+    );
+    let Some((one, all)) = vnni_peak(threads) else {
+        println!("- 10 rows: no AVX-512 VNNI here, no `vpdpbusd` peak");
+        return;
+    };
+    let gmacs = 10.0 * values as f64 / ms10 / 1e6;
+    println!(
+        "- 10 rows: koe {gmacs:.0} GMAC/s; `vpdpbusd` peak {all:.0} GMAC/s ({:.0} %), {one:.0} on one thread",
+        100.0 * gmacs / all
+    );
+    println!(
+        "- 10 rows ÷ 1 row, rows a second: koe {:.2}×; at the peak against the read rate {:.2}×",
+        10.0 * ms1 / ms10,
+        all * 1e9 / values as f64 / (read * 1e9 / bytes)
+    );
+}
+
+/// Bytes a second read from memory on every thread: a sum over 1 GiB, far past the caches
+/// (min of 3).
+fn read_rate() -> f64 {
+    let words: Vec<u64> = (0..1u64 << 27).collect();
+    let chunk = words.len() / rayon::current_num_threads();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let sum: u64 = words
+                .par_chunks(chunk)
+                .map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))
+                .reduce(|| 0, u64::wrapping_add);
+            std::hint::black_box(sum);
+            (words.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// `vpdpbusd` multiply-adds a second (64 per instruction) on one thread and on `threads`,
+/// in G; `None` without AVX-512 VNNI.
+fn vnni_peak(threads: usize) -> Option<(f64, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+        const ITERATIONS: usize = 50_000_000;
+        let rate = |threads: usize| {
+            let t = Instant::now();
+            let sum: i64 = (0..threads)
+                .into_par_iter()
+                // SAFETY: the CPU has AVX-512 F and VNNI (checked above).
+                .map(|_| unsafe { vnni::chains(ITERATIONS) })
+                .sum();
+            std::hint::black_box(sum);
+            (threads * ITERATIONS * vnni::CHAINS * 64) as f64 / t.elapsed().as_secs_f64() / 1e9
+        };
+        let best = |threads| (0..3).map(|_| rate(threads)).fold(0.0, f64::max);
+        return Some((best(1), best(threads)));
+    }
+    let _ = threads;
+    None
+}
+
+/// Hand-written: the peak is the instruction's own, so the loop issues nothing else.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    /// Independent accumulators: enough to cover `vpdpbusd`'s latency at one a cycle.
+    pub const CHAINS: usize = 12;
+
+    /// `iterations` × [`CHAINS`] `vpdpbusd` on values the compiler cannot see.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn chains(iterations: usize) -> i64 {
+        let (a, b) = std::hint::black_box((_mm512_set1_epi8(1), _mm512_set1_epi8(3)));
+        let mut acc = [_mm512_setzero_si512(); CHAINS];
+        for _ in 0..iterations {
+            for c in &mut acc {
+                *c = _mm512_dpbusd_epi32(*c, a, b);
+            }
+        }
+        acc.iter().map(|&c| _mm512_reduce_add_epi32(c) as i64).sum()
+    }
 }
