@@ -239,7 +239,9 @@ pub fn run(synth: &Synthesizer, clip: &[f32], opts: &BenchOptions) -> Result<Val
         "batch": opts.batch,
         "mode": if opts.xvec { "xvec" } else { "icl" },
         "text_chars": BENCH_TEXT.chars().count(),
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        // The threads that computed (`RAYON_NUM_THREADS` or every core), as the reference's
+        // `threads` is its torch thread count.
+        "threads": rayon::current_num_threads(),
         "runs": kept,
         "median": median,
     }))
