@@ -8,7 +8,7 @@
 //! beside koe's Q8_0 (min of alternated repetitions); last, this CPU's roofline for a batched
 //! Q4_K step: the `vpdpbusd` peak on one and on every thread and the memory read rate, against
 //! what koe's Q4_K tiles reach at 1 row (weight bytes a second) and at 10 rows (multiply-adds a
-//! second).
+//! second), and the tiles' time for a frame's projections at 1 and 10 rows.
 //!
 //! cargo bench --bench kernels
 
@@ -242,6 +242,32 @@ fn main() -> anyhow::Result<()> {
     };
     let values: usize = shapes.iter().map(|&(o, i)| o * i).sum::<usize>() * layers;
     roofline(values, koe_ms(1), koe_ms(10));
+
+    // A frame of the release's model (0.6B: the talker's 28 layers once, the code predictor's 5
+    // layers 15 times) on the tiles alone. The 5 layers hold 43 MB of Q4_K, a little more than
+    // a 32 MiB L3, so at one row, whose time is the bytes it reads, part of each pass comes
+    // from the cache; at ten rows, bound by multiply-adds, that does not help.
+    let code_predictor_ms = |rows| -> anyhow::Result<f64> {
+        let (_, xh) = inputs(&shapes, rows)?;
+        let passes = || {
+            for _ in 0..15 {
+                for layer in &q4[..5] {
+                    for ((_, w), x) in layer.iter().zip(&xh) {
+                        w.matmul_wt(x, rows);
+                    }
+                }
+            }
+        };
+        Ok((0..5).map(|_| time(1, passes)).fold(f64::INFINITY, f64::min))
+    };
+    let frame_ms = |rows| -> anyhow::Result<f64> { Ok(28.0 / layers as f64 * koe_ms(rows) + code_predictor_ms(rows)?) };
+    let (one, ten) = (frame_ms(1)?, frame_ms(10)?);
+    println!(
+        "- a frame's projections (28 talker layers streamed, 5 code-predictor layers 15 times): 1 row \
+         {one:.1} ms, 10 rows {ten:.1} ms, 10 rows ÷ 1 row in frames a second {:.2}×: the tiles' ceiling \
+         for the engine's batch-10 speed-up",
+        10.0 * one / ten
+    );
     Ok(())
 }
 
