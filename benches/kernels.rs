@@ -243,29 +243,41 @@ fn main() -> anyhow::Result<()> {
     let values: usize = shapes.iter().map(|&(o, i)| o * i).sum::<usize>() * layers;
     roofline(values, koe_ms(1), koe_ms(10));
 
-    // A frame of the release's model (0.6B: the talker's 28 layers once, the code predictor's 5
-    // layers 15 times) on the tiles alone. The 5 layers hold 43 MB of Q4_K, a little more than
-    // a 32 MiB L3, so at one row, whose time is the bytes it reads, part of each pass comes
-    // from the cache; at ten rows, bound by multiply-adds, that does not help.
-    let code_predictor_ms = |rows| -> anyhow::Result<f64> {
-        let (_, xh) = inputs(&shapes, rows)?;
-        let passes = || {
-            for _ in 0..15 {
-                for layer in &q4[..5] {
-                    for ((_, w), x) in layer.iter().zip(&xh) {
-                        w.matmul_wt(x, rows);
-                    }
-                }
+    // A frame of the release's model (0.6B) on the tiles alone, with the engine's fused
+    // projections (q, k, v stacked, and gate with up): the talker's 28 layers once, the code
+    // predictor's 5 layers 15 times. Those 5 hold 43 MB of Q4_K, a little more than a 32 MiB L3,
+    // so at one row, whose time is the bytes it reads, part of each pass comes from the cache;
+    // at ten rows, bound by multiply-adds, that does not help.
+    let fused = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)];
+    let fused_layer = || -> anyhow::Result<Vec<Q4kWeight>> {
+        fused
+            .iter()
+            .map(|&(o, i)| {
+                let w = Tensor::randn(0f32, 0.03, (o, i), &dev)?;
+                Ok(Q4kWeight::quantize(&w)?.expect("whole tiles and super-blocks"))
+            })
+            .collect()
+    };
+    let talker: Vec<Vec<Q4kWeight>> = (0..28).map(|_| fused_layer()).collect::<anyhow::Result<_>>()?;
+    let code_predictor: Vec<Vec<Q4kWeight>> = (0..5).map(|_| fused_layer()).collect::<anyhow::Result<_>>()?;
+    let frame_ms = |rows| -> anyhow::Result<f64> {
+        let (_, xh) = inputs(&fused, rows)?;
+        let pass = |layer: &Vec<Q4kWeight>| {
+            for (w, x) in layer.iter().zip(&xh) {
+                w.matmul_wt(x, rows);
             }
         };
-        Ok((0..5).map(|_| time(1, passes)).fold(f64::INFINITY, f64::min))
+        let frame = || {
+            talker.iter().for_each(pass);
+            (0..15).for_each(|_| code_predictor.iter().for_each(pass));
+        };
+        Ok((0..5).map(|_| time(1, frame)).fold(f64::INFINITY, f64::min))
     };
-    let frame_ms = |rows| -> anyhow::Result<f64> { Ok(28.0 / layers as f64 * koe_ms(rows) + code_predictor_ms(rows)?) };
     let (one, ten) = (frame_ms(1)?, frame_ms(10)?);
     println!(
-        "- a frame's projections (28 talker layers streamed, 5 code-predictor layers 15 times): 1 row \
-         {one:.1} ms, 10 rows {ten:.1} ms, 10 rows ÷ 1 row in frames a second {:.2}×: the tiles' ceiling \
-         for the engine's batch-10 speed-up",
+        "- a frame's projections (fused as the engine's; 28 talker layers, 5 code-predictor layers 15 \
+         times): 1 row {one:.1} ms, 10 rows {ten:.1} ms, 10 rows ÷ 1 row in frames a second {:.2}×: the \
+         tiles' ceiling for the engine's batch-10 speed-up",
         10.0 * one / ten
     );
     Ok(())
