@@ -25,7 +25,8 @@ pub fn check(fx: &Fixture) {
         .unwrap()
         .to_vec1::<i64>()
         .unwrap();
-    let margins = stages.margins.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let margins = stages.margins.expect("stages gives margins");
+    let margins = margins.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     compare_codes(fx, &codes, &margins, stages.codes.dim(1).unwrap());
 }
 

@@ -248,8 +248,9 @@ pub struct EncoderStages {
     pub codes: Tensor,
     /// Per code [frames, kept], f32: how much farther the second-nearest codeword lay than the
     /// chosen one. Where that is a few ulps of the distance, the choice is a float tie that
-    /// the reference's own rounding may resolve the other way.
-    pub margins: Tensor,
+    /// the reference's own rounding may resolve the other way. `stages` gives them; `encode`,
+    /// which serves voices, skips their cost (~3× the nearest-codeword search).
+    pub margins: Option<Tensor>,
 }
 
 pub struct SpeechEncoder {
@@ -304,18 +305,23 @@ impl SpeechEncoder {
 
     /// Reference codes [frames, encoder_valid_num_quantizers] (u32) of a mono 24 kHz clip.
     pub fn encode(&self, samples: &[f32]) -> Result<Tensor> {
-        Ok(self.stages(samples)?.codes)
+        Ok(self.run(samples, false)?.codes)
     }
 
-    /// The whole encode, keeping every stage's output.
+    /// The whole encode, keeping every stage's output and the codes' margins.
     pub fn stages(&self, samples: &[f32]) -> Result<EncoderStages> {
+        self.run(samples, true)
+    }
+
+    /// Every stage, and the codes' margins only `with_margins`.
+    fn run(&self, samples: &[f32], with_margins: bool) -> Result<EncoderStages> {
         if samples.is_empty() {
             return Err(Error::Audio("cannot encode an empty reference clip".into()));
         }
         let seanet = self.seanet.forward(samples, &self.device)?.to_dtype(self.dtype)?;
         let transformer = self.transformer.forward(&seanet.transpose(1, 2)?)?;
         let downsample = self.downsample.forward(&transformer.transpose(1, 2)?.contiguous()?)?;
-        let (codes, margins) = self.quantizer.encode(&downsample.squeeze(0)?)?;
+        let (codes, margins) = self.quantizer.encode(&downsample.squeeze(0)?, with_margins)?;
         // The wrapper keeps ceil(valid samples / encode_downsample_rate) frames.
         let frames = samples.len().div_ceil(self.samples_per_frame).min(codes.dim(0)?);
         Ok(EncoderStages {
@@ -323,7 +329,7 @@ impl SpeechEncoder {
             transformer: transformer.squeeze(0)?,
             downsample: downsample.squeeze(0)?,
             codes: codes.narrow(0, 0, frames)?,
-            margins: margins.narrow(0, 0, frames)?,
+            margins: margins.map(|m| m.narrow(0, 0, frames)).transpose()?,
         })
     }
 }
@@ -503,13 +509,14 @@ impl SplitQuantizer {
         })
     }
 
-    /// [hidden, T] → codes [T, kept] (u32) and their margins [T, kept] (f32).
-    fn encode(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let (mut codes, mut margins) = self.semantic.encode(xs)?;
-        let (acoustic_codes, acoustic_margins) = self.acoustic.encode(xs)?;
+    /// [hidden, T] → codes [T, kept] (u32) and, `with_margins`, their margins [T, kept] (f32).
+    fn encode(&self, xs: &Tensor, with_margins: bool) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let (mut codes, mut margins) = self.semantic.encode(xs, with_margins)?;
+        let (acoustic_codes, acoustic_margins) = self.acoustic.encode(xs, with_margins)?;
         codes.extend(acoustic_codes);
         margins.extend(acoustic_margins);
-        Ok((Tensor::stack(&codes, 1)?, Tensor::stack(&margins, 1)?))
+        let margins = with_margins.then(|| Tensor::stack(&margins, 1)).transpose()?;
+        Ok((Tensor::stack(&codes, 1)?, margins))
     }
 }
 
@@ -536,8 +543,9 @@ impl ResidualQuantizer {
         Ok(Self { input_proj, codebooks })
     }
 
-    /// [hidden, T] → per codebook, the codes (u32 [T]) and their margins (f32 [T]).
-    fn encode(&self, xs: &Tensor) -> candle_core::Result<(Vec<Tensor>, Vec<Tensor>)> {
+    /// [hidden, T] → per codebook, the codes (u32 [T]) and, `with_margins`, their margins
+    /// (f32 [T]; none without).
+    fn encode(&self, xs: &Tensor, with_margins: bool) -> candle_core::Result<(Vec<Tensor>, Vec<Tensor>)> {
         let mut residual = xs
             .t()?
             .apply(&self.input_proj.as_ref())?
@@ -545,10 +553,10 @@ impl ResidualQuantizer {
             .contiguous()?;
         let (mut codes, mut margins) = (Vec::new(), Vec::new());
         for codebook in &self.codebooks {
-            let (indices, margin) = codebook.nearest(&residual)?;
+            let (indices, margin) = codebook.nearest(&residual, with_margins)?;
             residual = (residual - codebook.embed.index_select(&indices, 0)?)?;
             codes.push(indices);
-            margins.push(margin);
+            margins.extend(margin);
         }
         Ok((codes, margins))
     }
@@ -577,13 +585,16 @@ impl Codebook {
     }
 
     /// Index of the nearest codeword for each row of `xs` [N, dim] (f32), first on ties, and
-    /// the second-nearest distance minus the nearest (f32 [N]).
-    fn nearest(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    /// `with_margin`, the second-nearest distance minus the nearest (f32 [N]).
+    fn nearest(&self, xs: &Tensor, with_margin: bool) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let norms = xs.sqr()?.sum_keepdim(1)?;
         let ones = norms.ones_like()?;
         let augmented = Tensor::cat(&[&(xs * -2.0)?, &norms, &ones], 1)?;
         let distances = augmented.matmul(&self.augmented_t)?.maximum(0f32)?.sqrt()?;
         let nearest = distances.argmin_keepdim(D::Minus1)?;
+        if !with_margin {
+            return Ok((nearest.squeeze(1)?, None));
+        }
         // The second nearest is the nearest of the others (an exact tie gives 0, a single
         // codeword infinity): three element-wise passes, where sorting each row cost ~15×
         // the argmin (155 ms for a 30 s reference).
@@ -593,7 +604,7 @@ impl Codebook {
             .broadcast_eq(&nearest)?
             .where_cond(&Tensor::full(f32::INFINITY, distances.shape(), device)?, &distances)?;
         let margins = (others.min_keepdim(D::Minus1)? - distances.gather(&nearest, 1)?)?;
-        Ok((nearest.squeeze(1)?, margins.squeeze(1)?))
+        Ok((nearest.squeeze(1)?, Some(margins.squeeze(1)?)))
     }
 }
 
