@@ -162,12 +162,8 @@ pub fn package_chunked_decode(decoder: &SpeechDecoder, codes: &Tensor, chunk: us
     let mut start = 0;
     while start < frames {
         let end = (start + chunk).min(frames);
-        // As the package: the full context only once `start` exceeds it.
-        let context = if start > PACKAGE_LEFT_CONTEXT {
-            PACKAGE_LEFT_CONTEXT
-        } else {
-            start
-        };
+        // As the package: all the frames before `start` until there are 25 of them.
+        let context = start.min(PACKAGE_LEFT_CONTEXT);
         let window = codes.narrow(0, start - context, end - start + context).unwrap();
         let pcm = decoder.decode(&window).unwrap();
         parts.push(pcm.narrow(0, context * spf, (end - start) * spf).unwrap());
